@@ -1,0 +1,3 @@
+def main():
+    from .knowledge_base import KnowledgeBase
+    KnowledgeBase.load()
