@@ -369,7 +369,11 @@ class DatasetPreset(Strict):
     format: DataFormat
     columns: dict[PyName, ColumnName] = Field(default_factory=dict)
     """Script field -> dataset column, for columns whose names differ from the format's."""
+    answer_format: Literal["plain", "gsm8k", "boxed"] = "plain"
+    """How the reference answer is written in an 'answer' column: as is, after '#### ' (GSM8K) or inside
+    \\boxed{...} (MATH). Verifiable-reward scripts extract the final answer accordingly."""
     size: int | None = Field(default=None, gt=0)
+    """Rows in the split, as published on the dataset card."""
     license: ShortText
     description: Text
     papers: list[PaperKey] = Field(default_factory=list)
