@@ -1,0 +1,88 @@
+"""The non-hyperparameter fields of an emitted script's Args: where the model and data are, how to run.
+
+Hyperparameters come from the taxonomy (with sources); these are run settings whose defaults the compiler
+derives from the chosen presets. Everything here reaches the script through the template's |lit filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .recipe import Recipe
+
+TINY_DIR = "ptcompile-tiny"
+"""Where `ptcompile tiny` puts the embedded model and data by default (relative to the working directory)."""
+
+FORMAT_FIELDS: dict[str, list[tuple[str, str]]] = {
+    "chat": [("messages", "list of {role, content} messages; loss on the assistant turns")],
+    "instruction": [("instruction", "the task"), ("input", "optional context appended to the task"), ("output", "the target response")],
+    "text": [("text", "raw text; every token is trained on")],
+    "preference": [("prompt", "a string or a list of messages"), ("chosen", "the preferred reply (string or assistant messages)"), ("rejected", "the dispreferred reply")],
+    "unpaired": [("prompt", "a string or a list of messages"), ("completion", "the reply"), ("label", "true when the reply is desirable")],
+    "prompt": [("prompt", "a string or a list of messages"), ("answer", "the reference answer, for verifiable rewards")],
+    "step-labels": [("prompt", "the problem"), ("steps", "list of solution steps"), ("labels", "list of booleans, one per step: is the step correct")],
+}
+
+
+@dataclass(frozen=True)
+class RuntimeField:
+    name: str
+    type: str
+    value: Any
+    doc: str
+
+
+def dataset_location(recipe: Recipe) -> tuple[str, str, str]:
+    dataset = recipe.dataset
+    if dataset.embedded:
+        return f"{TINY_DIR}/data/{dataset.embedded}", "", dataset.split
+    assert dataset.hub_id is not None
+    return dataset.hub_id, dataset.config or "", dataset.split
+
+
+def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
+    model_path = f"{TINY_DIR}/model" if recipe.model.embedded else recipe.model.hub_id
+    data_path, data_config, data_split = dataset_location(recipe)
+    default_dtype = recipe.model.dtype if recipe.peft else "float32"
+    model_fields = [
+        RuntimeField("model_name_or_path", "str", model_path, f"Hub id or local directory of the model (preset '{recipe.model.id}')."),
+        RuntimeField(
+            "model_dtype",
+            "str",
+            default_dtype,
+            "dtype the weights are loaded in: float32, bfloat16 or float16. "
+            + (
+                "Full fine-tuning keeps float32 master weights and computes in bf16 through --mixed_precision."
+                if not recipe.peft
+                else "The frozen base model is stored in this dtype; the adapter trains in float32."
+            ),
+        ),
+        RuntimeField("attn_implementation", "str", "sdpa", "Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."),
+        RuntimeField("dataset", "str", data_path, f"A local .jsonl / .json / .parquet file or a Hub dataset id (preset '{recipe.dataset.id}')."),
+        RuntimeField("dataset_config", "str", data_config, "Hub dataset configuration name ('' for none)."),
+        RuntimeField("dataset_split", "str", data_split, "Hub dataset split."),
+    ]
+    for field_name, meaning in FORMAT_FIELDS[recipe.dataset.format]:
+        column = recipe.dataset.columns.get(field_name, field_name)
+        model_fields.append(RuntimeField(f"{field_name}_column", "str", column, f"Column holding {field_name}: {meaning}."))
+    if recipe.dataset.format == "prompt":
+        model_fields.append(
+            RuntimeField("answer_format", "str", recipe.dataset.answer_format, "How the answer column is written: plain, gsm8k ('#### 42') or boxed (\\boxed{42}).")
+        )
+    model_fields.append(RuntimeField("output_dir", "str", f"runs/{recipe.method.id}", "Where checkpoints, metrics.jsonl and the final model go."))
+
+    run_fields = [
+        RuntimeField("mixed_precision", "str", "auto", "auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."),
+        RuntimeField("gradient_checkpointing", "bool", False, "Recompute activations in the backward pass to save memory."),
+        RuntimeField("logging_steps", "int", 10, "Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."),
+        RuntimeField("save_steps", "int", 500, "Write a checkpoint every N optimizer steps (0: only the final model)."),
+        RuntimeField("save_total_limit", "int", 2, "Keep only the newest N checkpoints."),
+        RuntimeField("resume_from_checkpoint", "str", "", "'latest' or a checkpoint directory: continue that run exactly."),
+        RuntimeField("overwrite_output_dir", "bool", False, "Allow writing into a non-empty output_dir (otherwise the run refuses)."),
+        RuntimeField("skip_bad_rows", "bool", False, "Skip and count malformed rows instead of stopping at the first one."),
+        RuntimeField("report_to", "str", "", "Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."),
+    ]
+    if recipe.peft is not None and not recipe.peft.quantized:
+        run_fields.append(RuntimeField("merge_adapter", "bool", False, "Merge the adapter into the base weights before the final save."))
+    return [("Model and data", model_fields), ("Run", run_fields)]

@@ -1,0 +1,144 @@
+"""The bundled tiny datasets: small, deterministic, and built so that each objective can visibly move.
+
+They exist so every emitted script can be run end to end on a CPU in seconds (tests, `make demo`) with no
+download. Each generator documents what a model can learn from it:
+
+- chat / instruction / text: fixed, low-entropy mappings (repeat, reverse, templated sentences), so the
+  cross-entropy of a random-init model falls fast from about log(vocab).
+- preference / unpaired: the chosen completion always uses one set of adjectives and the rejected one
+  another, so a policy can raise the chosen log-ratio over the rejected one (reward accuracy -> 1).
+- math: one-digit sums with the answer in the prompt's own words, for verifiable-reward RL and test-time scaling.
+- steps: step-by-step solutions where a step is labelled wrong exactly when it contains an arithmetic error.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "hen", "elk", "ant", "yak", "bat", "eel"]
+COLOURS = ["red", "blue", "green", "gold", "pink", "grey", "black", "white"]
+GOOD = ["kind", "calm", "gentle", "helpful", "honest", "clear"]
+BAD = ["rude", "loud", "lazy", "vague", "wrong", "mean"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+SYSTEM = "You are a concise assistant."
+
+
+def _words(rng: random.Random, n: int) -> str:
+    pool = ANIMALS + COLOURS
+    return " ".join(rng.choice(pool) for _ in range(n))
+
+
+def chat_rows(n: int = 256, seed: int = 0) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for i in range(n):
+        words = _words(rng, rng.randint(2, 5))
+        messages = []
+        if i % 4 == 0:
+            messages.append({"role": "system", "content": SYSTEM})
+        messages += [
+            {"role": "user", "content": f"Repeat after me: {words}"},
+            {"role": "assistant", "content": words},
+        ]
+        if i % 3 == 0:  # a second turn, so multi-turn masking is exercised
+            more = _words(rng, rng.randint(2, 4))
+            messages += [
+                {"role": "user", "content": f"Now reverse: {more}"},
+                {"role": "assistant", "content": " ".join(reversed(more.split()))},
+            ]
+        yield {"messages": messages}
+
+
+def instruction_rows(n: int = 256, seed: int = 1) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for i in range(n):
+        words = _words(rng, rng.randint(2, 5))
+        if i % 2:
+            yield {"instruction": "Reverse the order of the words.", "input": words, "output": " ".join(reversed(words.split()))}
+        else:
+            yield {"instruction": "Repeat the words exactly.", "input": words, "output": words}
+
+
+def text_rows(n: int = 256, seed: int = 2) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(1, 6)):
+            a, c = rng.choice(ANIMALS), rng.choice(COLOURS)
+            sentences.append(f"The {c} {a} sleeps. The {a} is {c}.")
+        yield {"text": " ".join(sentences)}
+
+
+def preference_rows(n: int = 256, seed: int = 3) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for i in range(n):
+        animal = rng.choice(ANIMALS)
+        good, bad = rng.choice(GOOD), rng.choice(BAD)
+        question = f"Describe the {animal}."
+        # Half the prompts are plain strings, half are message lists: the scripts accept both.
+        prompt: Any = question if i % 2 else [{"role": "user", "content": question}]
+        yield {"prompt": prompt, "chosen": f"The {animal} is {good}.", "rejected": f"The {animal} is {bad}."}
+
+
+def unpaired_rows(n: int = 256, seed: int = 4) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for i in range(n):
+        animal = rng.choice(ANIMALS)
+        desirable = i % 2 == 0
+        adjective = rng.choice(GOOD if desirable else BAD)
+        yield {"prompt": f"Describe the {animal}.", "completion": f"The {animal} is {adjective}.", "label": desirable}
+
+
+def math_rows(n: int = 256, seed: int = 5) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        yield {"prompt": f"What is {a} plus {b}? Answer with a digit.", "answer": str(a + b)}
+
+
+def step_rows(n: int = 256, seed: int = 6) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, c = rng.randint(0, 4), rng.randint(0, 4), rng.randint(0, 4)
+        first, total = a + b, a + b + c
+        steps, labels = [], []
+        wrong_at = rng.choice([None, 0, 1])
+        shown_first = first + (1 if wrong_at == 0 else 0)
+        steps.append(f"{a} plus {b} is {shown_first}.")
+        labels.append(wrong_at != 0)
+        shown_total = shown_first + c + (1 if wrong_at == 1 else 0)
+        steps.append(f"{shown_first} plus {c} is {shown_total}.")
+        labels.append(wrong_at is None and shown_total == total)
+        yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
+
+
+GENERATORS = {
+    "chat.jsonl": chat_rows,
+    "instruction.jsonl": instruction_rows,
+    "text.jsonl": text_rows,
+    "preference.jsonl": preference_rows,
+    "unpaired.jsonl": unpaired_rows,
+    "math.jsonl": math_rows,
+    "steps.jsonl": step_rows,
+}
+
+
+def write_all(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, generator in GENERATORS.items():
+        path = directory / name
+        with path.open("w", encoding="utf-8") as handle:
+            for row in generator():
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written.append(path)
+    return written
+
+
+def corpus() -> Iterator[str]:
+    """All text of the tiny datasets (used once to train the tiny tokenizer)."""
+    for generator in GENERATORS.values():
+        for row in generator():
+            yield json.dumps(row)
