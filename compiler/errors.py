@@ -29,8 +29,9 @@ class Problem:
 class TaxonomyError(Exception):
     """One or more located problems in the taxonomy; str() lists them one per line."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], stage: str = "references"):
         self.problems = sorted(problems, key=lambda p: (p.location, p.field))
+        self.stage = stage  # "files" (syntax and schema) or "references" (between files)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -69,11 +69,27 @@ def _pydantic_problems(exc: ValidationError, doc: YamlDocument, prefix: PathKey)
             message = "unknown field (check the spelling; see the JSON Schema in taxonomy/_schema/)"
         elif message.startswith("Value error, "):
             message = message[len("Value error, ") :]
+            # Validators name the field they are about as "field: message"; point at that field.
+            head, _, rest = message.partition(": ")
+            record = _lookup_data(doc.data, prefix + loc)
+            if rest and isinstance(record, dict) and head in record:
+                loc, message = loc + (head,), rest
         if error["type"] in ("float_type", "int_type", "string_type", "bool_type") and "input" in error:
             message += f" (got {type(error['input']).__name__} {error['input']!r})"
         full = prefix + loc
         problems.append(Problem(doc.location(full, prefer_key=error["type"] == "extra_forbidden"), format_loc(full), message))
     return problems
+
+
+def _lookup_data(data: Any, path: PathKey) -> Any:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
 
 
 def _data_path(data: Any, prefix: PathKey, loc: PathKey, error_type: str) -> PathKey:
@@ -126,10 +142,11 @@ class KnowledgeBase:
         """Load and check everything; raise TaxonomyError listing every problem found."""
         kb = cls((root or taxonomy_dir()).resolve(), (templates or templates_dir()).resolve())
         problems = kb._load_files()
-        if not problems:
-            problems = kb._check_references()
         if problems:
-            raise TaxonomyError(problems)
+            raise TaxonomyError(problems, stage="files")
+        problems = kb._check_references()
+        if problems:
+            raise TaxonomyError(problems, stage="references")
         return kb
 
     def _shown(self, path: Path) -> str:

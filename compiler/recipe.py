@@ -101,9 +101,9 @@ def _resolve_list(
         if hp.name in overrides:
             value = coerce(hp.type, overrides[hp.name], hp.name)
             try:
-                schema.check_value(hp, value, f"--set {hp.name}=")
+                schema.check_value(hp, value, f"--set {hp.name}")
             except ValueError as exc:
-                raise CompileError(str(exc).replace("= ", "=")) from None
+                raise CompileError(str(exc)) from None
             used.add(hp.name)
             overridden = value != hp.default or type(value) is not type(hp.default)
         if hp.type == "float" and isinstance(value, int):

@@ -146,3 +146,12 @@ def check_source(source: str, what: str) -> ast.Module:
         context = source.splitlines()[max(0, (exc.lineno or 1) - 3) : (exc.lineno or 1) + 2]
         raise CompileError(f"internal error: the script for {what} does not parse: {exc}\n" + "\n".join(context)) from None
     return tree
+
+
+def strip_docstring(source: str) -> str:
+    """The script without its module docstring (which names the method, papers and command)."""
+    tree = ast.parse(source)
+    first = tree.body[0] if tree.body else None
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return "\n".join(source.splitlines()[first.end_lineno :]).lstrip("\n") + "\n"
+    return source

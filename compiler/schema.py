@@ -130,33 +130,33 @@ class Hyperparameter(Strict):
         check_value(self, self.default, "default")
         if self.range is not None:
             if self.type not in ("int", "float"):
-                raise ValueError("'range' is only for int and float hyperparameters")
+                raise ValueError("range: only int and float hyperparameters have a range")
             low, high = self.range
             for bound in (low, high):
                 if isinstance(bound, bool) or (isinstance(bound, float) and not math.isfinite(bound)):
-                    raise ValueError("range bounds must be finite numbers")
+                    raise ValueError("range: bounds must be finite numbers")
             if low > high:
-                raise ValueError(f"range [{low}, {high}] is empty")
+                raise ValueError(f"range: [{low}, {high}] is empty")
         if self.choices is not None and self.type != "str":
-            raise ValueError("'choices' is only for str hyperparameters")
+            raise ValueError("choices: only str hyperparameters have choices")
         return self
 
 
-def check_value(hp: Hyperparameter, value: object, what: str = "value") -> None:
-    """Raise ValueError when `value` does not fit `hp`'s type, range or choices."""
+def check_value(hp: Hyperparameter, value: object, what: str = "default") -> None:
+    """Raise ValueError("<what>: ...") when `value` does not fit `hp`'s type, range or choices."""
     expected = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}[hp.type]
     if isinstance(value, bool) and hp.type != "bool":
-        raise ValueError(f"{what} {value!r} is a bool, expected {hp.type}")
+        raise ValueError(f"{what}: {value!r} is a bool, expected {hp.type}")
     if not isinstance(value, expected):
-        raise ValueError(f"{what} {value!r} is not of type {hp.type}")
+        raise ValueError(f"{what}: {value!r} is not of type {hp.type}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{what} {value!r} is not finite")
+        raise ValueError(f"{what}: {value!r} is not finite")
     if hp.range is not None and isinstance(value, (int, float)):
         low, high = hp.range
         if not (low <= value <= high):
-            raise ValueError(f"{what} {value!r} is outside the range [{low}, {high}]")
+            raise ValueError(f"{what}: {value!r} is outside the range [{low}, {high}]")
     if hp.choices is not None and value not in hp.choices:
-        raise ValueError(f"{what} {value!r} is not one of {hp.choices}")
+        raise ValueError(f"{what}: {value!r} is not one of {hp.choices}")
 
 
 # --------------------------------------------------------------------------------------------------

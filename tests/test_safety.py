@@ -1,0 +1,126 @@
+"""Contributor strings never become code.
+
+Hostile strings (quotes, triple quotes, newlines, backslashes, Jinja syntax, </script>, U+2028, bidi and NUL
+characters) are pushed through every free-text field of a paper, a method (and its hyperparameters), a model
+and a dataset. The emitted script must still parse and must contain exactly the statements the template put
+there: its AST, with every string constant blanked, equals the AST of the script compiled from clean data.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import itertools
+
+import pytest
+
+from ptcompile.knowledge_base import Entry
+from ptcompile.recipe import resolve
+from ptcompile.render import comment, doc, lit, render_script
+
+HOSTILE = [
+    '"""; import os; os.system("id") #',
+    "'''\nimport os\n'''",
+    "trailing backslash \\",
+    "\\N{BULLET} \\x00 \\u2028",
+    "{{ recipe.method }} {% if true %}x{% endif %} {# c #}",
+    "</script><script>alert(1)</script>",
+    "line one\u2028import os\u2029import sys",
+    "carriage\r\nimport os\rimport sys\x0bimport re\x0cimport io\x85import ab",
+    "nul\x00byte and bidi \u202eevil\u202c",
+    '"',
+    "'",
+    "\\",
+    "# -*- coding: latin-1 -*-",
+    "f'{__import__(\"os\").system(\"id\")}'",
+]
+
+
+def hostile_cycle():
+    return itertools.cycle(HOSTILE)
+
+
+def _text_update(record, fields, strings):
+    update = {}
+    for name in fields:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            update[name] = next(strings)
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            update[name] = [next(strings) for _ in value]
+        elif isinstance(value, dict):
+            update[name] = {k: next(strings) for k in value}
+    return record.model_copy(update=update)
+
+
+def poison(kb, method_id: str, model_id: str, strings) -> object:
+    """A copy of the knowledge base whose method, its papers, the model and the dataset carry hostile text."""
+    bad = copy.copy(kb)
+    bad.methods, bad.papers, bad.models, bad.datasets = dict(kb.methods), dict(kb.papers), dict(kb.models), dict(kb.datasets)
+    method = kb.methods[method_id].record
+    hyperparameters = []
+    for hp in method.hyperparameters:
+        source = hp.source.model_copy(update={"where": next(strings)} if hp.source.where else {"common_practice": next(strings)})
+        hyperparameters.append(hp.model_copy(update={"description": next(strings), "source": source}))
+    objective = _text_update(method.objective, ["latex", "plain", "equation"], strings)
+    method = _text_update(method, ["name", "aliases", "summary", "pitfalls", "frameworks"], strings)
+    method = method.model_copy(update={"objective": objective, "hyperparameters": hyperparameters})
+    bad.methods[method_id] = Entry(method, kb.methods[method_id].doc, ())
+    for key in method.papers:
+        paper = _text_update(kb.papers[key].record, ["title", "authors", "venue", "summary"], strings)
+        bad.papers[key] = Entry(paper, kb.papers[key].doc, ())
+    model = _text_update(kb.models[model_id].record, ["name", "license", "config_source"], strings)
+    bad.models[model_id] = Entry(model, kb.models[model_id].doc, ())
+    dataset_id = resolve(kb, method_id, model_id).dataset.id
+    dataset = _text_update(kb.datasets[dataset_id].record, ["name", "license", "description"], strings)
+    bad.datasets[dataset_id] = Entry(dataset, kb.datasets[dataset_id].doc, ())
+    return bad
+
+
+class _BlankStrings(ast.NodeTransformer):
+    def visit_Constant(self, node):
+        if isinstance(node.value, str):
+            return ast.copy_location(ast.Constant(value=""), node)
+        return node
+
+
+def shape(source: str) -> str:
+    return ast.dump(_BlankStrings().visit(ast.parse(source)))
+
+
+def cases(kb):
+    return [(m, kb.methods[m].record.default_model) for m in sorted(kb.methods)] + [("dpo", "tiny"), ("dpo", "llama3-8b")]
+
+
+def test_every_method_script_is_immune_to_hostile_text(kb):
+    for method_id, model_id in cases(kb):
+        for peft in (None, "lora"):
+            if peft and peft not in kb.peft:
+                continue
+            clean = render_script(resolve(kb, method_id, model_id, peft))
+            bad_kb = poison(kb, method_id, model_id, hostile_cycle())
+            hostile = render_script(resolve(bad_kb, method_id, model_id, peft))
+            assert hostile != clean, "the hostile strings did not reach the script"
+            assert shape(hostile) == shape(clean), f"{method_id} x {model_id} ({peft}): hostile text changed the code"
+            for line in hostile.splitlines():
+                assert "\u2028" not in line and "\u2029" not in line and "\x00" not in line and "\u202e" not in line
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_filters(text):
+    assert ast.literal_eval(lit(text)) == text
+    # inside a docstring the text reads back as itself, collapsed to one line
+    assert ast.literal_eval('"""' + doc(text) + '"""') == " ".join(text.split())
+    body = f"x = 1  # {comment(text)}\n"
+    assert ast.dump(ast.parse(body)) == ast.dump(ast.parse("x = 1\n"))
+    docstring = f'def f():\n    """{doc(text)}"""\n    return 1\n'
+    tree = ast.parse(docstring)
+    assert len(tree.body) == 1 and len(tree.body[0].body) == 2
+
+
+def test_non_finite_floats_are_refused():
+    from ptcompile.errors import CompileError
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(CompileError):
+            lit(value)
