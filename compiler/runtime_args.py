@@ -70,6 +70,10 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         model_fields.append(
             RuntimeField("answer_format", "str", recipe.dataset.answer_format, "How the answer column is written: plain, gsm8k ('#### 42') or boxed (\\boxed{42}).")
         )
+    if recipe.peft is not None and recipe.peft.id in ("lora", "qlora", "dora", "rslora", "adalora"):
+        model_fields.append(
+            RuntimeField("target_modules", "str", ",".join(recipe.model.lora_target_modules), f"Comma-separated linear layers that get adapters (the '{recipe.model.id}' preset's attention and MLP projections).")
+        )
     model_fields.append(RuntimeField("output_dir", "str", f"runs/{recipe.method.id}", "Where checkpoints, metrics.jsonl and the final model go."))
 
     run_fields = [
