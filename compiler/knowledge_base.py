@@ -132,6 +132,7 @@ class KnowledgeBase:
         self.common_training: list[Entry[schema.Hyperparameter]] = []
         self.family_training: dict[str, list[Entry[schema.Hyperparameter]]] = {}
         self.files: list[Path] = []
+        self.duplicates: list[Problem] = []  # repeated ids/keys: reported with the cross-reference problems
 
     # ---------------------------------------------------------------------------------------------
     # Loading
@@ -205,7 +206,7 @@ class KnowledgeBase:
             for i, cat in enumerate(record.categories):
                 entry = Entry(cat, doc, ("categories", i))
                 if cat.id in self.categories:
-                    problems.append(Problem(entry.where("id"), f"categories[{i}].id", f"duplicate category id '{cat.id}' (first at {self.categories[cat.id].where('id')})"))
+                    self.duplicates.append(Problem(entry.where("id"), f"categories[{i}].id", f"duplicate category id '{cat.id}' (first at {self.categories[cat.id].where('id')})"))
                 else:
                     self.categories[cat.id] = entry
         return problems
@@ -242,7 +243,7 @@ class KnowledgeBase:
             for i, paper in enumerate(record.papers):
                 entry = Entry(paper, doc, ("papers", i))
                 if paper.key in self.papers:
-                    problems.append(Problem(entry.where("key"), f"papers[{i}].key", f"duplicate paper key '{paper.key}' (first at {self.papers[paper.key].where('key')})"))
+                    self.duplicates.append(Problem(entry.where("key"), f"papers[{i}].key", f"duplicate paper key '{paper.key}' (first at {self.papers[paper.key].where('key')})"))
                 else:
                     self.papers[paper.key] = entry
         return problems
@@ -271,7 +272,7 @@ class KnowledgeBase:
         if record.id != path.stem:
             problems.append(Problem(entry.where("id"), "id", f"id '{record.id}' must match the file name '{path.name}'"))
         if record.id in table:
-            problems.append(Problem(entry.where("id"), "id", f"duplicate id '{record.id}' (first at {table[record.id].where('id')})"))
+            self.duplicates.append(Problem(entry.where("id"), "id", f"duplicate id '{record.id}' (first at {table[record.id].where('id')})"))
         else:
             table[record.id] = entry
         return problems
@@ -281,7 +282,7 @@ class KnowledgeBase:
     # ---------------------------------------------------------------------------------------------
 
     def _check_references(self) -> list[Problem]:
-        problems: list[Problem] = []
+        problems: list[Problem] = list(self.duplicates)
         problems += self._check_categories()
         problems += self._check_papers()
         problems += self._check_methods()

@@ -45,7 +45,7 @@ def run_script(script: Path, args: list[str], cwd: Path, timeout: int = 600, pro
     if processes == 1:
         command = [sys.executable, str(script), *args]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", str(script), *args]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(script), *args]  # on a CPU machine --multi_gpu starts N gloo processes (--cpu would start one)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -59,3 +59,66 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
+
+
+TINY_DATA = {
+    "chat": "chat.jsonl",
+    "instruction": "instruction.jsonl",
+    "text": "text.jsonl",
+    "preference": "preference.jsonl",
+    "unpaired": "unpaired.jsonl",
+    "prompt": "math.jsonl",
+    "step-labels": "steps.jsonl",
+}
+
+FIELDS = {
+    "chat": ["messages"],
+    "instruction": ["instruction", "input", "output"],
+    "text": ["text"],
+    "preference": ["prompt", "chosen", "rejected"],
+    "unpaired": ["prompt", "completion", "label"],
+    "prompt": ["prompt", "answer"],
+    "step-labels": ["prompt", "steps", "labels"],
+}
+
+FAST = [
+    "--logging_steps", "1", "--save_steps", "0", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+    "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--mixed_precision", "no",
+]
+
+
+def generated_script(method_id: str) -> Path:
+    """The checked-in script of a method (generated/, compiled for its default model)."""
+    path = ROOT / "generated" / f"train_{method_id.replace('-', '_').replace('.', '_')}.py"
+    assert path.is_file(), f"{path} is missing: run `ptcompile build`"
+    return path
+
+
+def tiny_args(kb, method_id: str, tiny: Path, data_format: str | None = None) -> list[str]:
+    """Flags that point a script compiled for a real model at the embedded tiny model and bundled data."""
+    fmt = data_format or kb.methods[method_id].record.data_format
+    args = ["--model_name_or_path", str(tiny / "model"), "--model_dtype", "float32", "--dataset", str(tiny / "data" / TINY_DATA[fmt])]
+    for field in FIELDS[fmt]:
+        args += [f"--{field}_column", field]
+    if fmt == "prompt":
+        args += ["--answer_format", "plain"]
+    return args
+
+
+def train_tiny(kb, method_id: str, tiny: Path, workdir: Path, extra: list[str], script: Path | None = None, processes: int = 1, name: str = "run") -> list[dict]:
+    """Run a method's generated script on the tiny model and return its logged metrics (one row per step)."""
+    output = workdir / name
+    run_script(script or generated_script(method_id), tiny_args(kb, method_id, tiny) + FAST + ["--output_dir", str(output)] + extra, cwd=workdir, processes=processes)
+    return read_metrics(output)
+
+
+def load_script_module(path: Path, name: str | None = None):
+    """Import an emitted script as a module (its main() is not run) to test its functions directly."""
+    import importlib.util
+
+    name = name or f"emitted_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # inspect.getsource (used for --help texts) looks the module up here
+    spec.loader.exec_module(module)
+    return module

@@ -52,8 +52,9 @@ def test_file_level_problems_are_each_reported_with_file_line_column_and_field(t
 
     problems = load_problems(taxonomy)
     text = "\n".join(problems)
+    quoted_default = line_of(dpo, 'default: "0.1"')
     expected = [
-        rf"methods/dpo\.yaml:{line_of(dpo, 'default: \"0.1\"')}:\d+: hyperparameters\[0\]\.default: ",
+        rf"methods/dpo\.yaml:{quoted_default}:\d+: hyperparameters\[0\]\.default: ",
         rf"methods/dpo\.yaml:{line_of(dpo, 'summry')}:1: summry: unknown field",
         rf"methods/sft\.yaml:{line_of(sft, 'default: 0.9')}:\d+: hyperparameters\[0\]\.default: 0\.9 is outside the range \[0\.0, 0\.5\]",
         rf"papers/methods-offline\.yaml:{line_of(papers, 'arxiv: 2305.18290')}:\d+: papers\[0\]\.arxiv: Input should be a valid string",
