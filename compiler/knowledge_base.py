@@ -346,10 +346,6 @@ class KnowledgeBase:
         for entries in [self.common_training, *self.family_training.values()]:
             for hp_entry in entries:
                 problems += self._check_source(hp_entry, ())
-        for family, entries in self.family_training.items():
-            if not (self.templates / family / "script.py.j2").is_file():
-                first = entries[0]
-                problems.append(Problem(first.doc.location(first.loc[:2] + ("family",)), format_loc(first.loc[:2] + ("family",)), f"no template for family '{family}' (expected templates/{family}/script.py.j2)"))
         for mid, entry in self.methods.items():
             method = entry.record
             if method.category not in self.categories:
