@@ -38,7 +38,7 @@ def main() -> None:
         ptcompile, "dpo", "--model", "tiny", "-o", str(DEMO / "train_dpo.py"),
         "--set", "learning_rate=0.001", "--set", "per_device_train_batch_size=8", "--set", "gradient_accumulation_steps=1",
     )
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", NO_MKDOCS_2_WARNING="1")
     print("$ python train_dpo.py --max_steps 40 --logging_steps 5 --save_steps 20", flush=True)
     subprocess.run(
         [sys.executable, "train_dpo.py", "--max_steps", "40", "--logging_steps", "5", "--save_steps", "20", "--output_dir", "runs/dpo"],
@@ -46,7 +46,7 @@ def main() -> None:
     )
     metrics = [json.loads(line) for line in (DEMO / "runs/dpo/metrics.jsonl").read_text().splitlines()]
     run(ptcompile, "build")
-    run(str(BIN / "mkdocs"), "build", "--strict", "--quiet", cwd=ROOT / "site")
+    subprocess.run([str(BIN / "mkdocs"), "build", "--strict", "--quiet"], cwd=ROOT / "site", env=env, check=True)
     first, last = metrics[0], metrics[-1]
     print()
     print("DPO on the tiny model:")
