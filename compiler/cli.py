@@ -8,6 +8,7 @@
     ptcompile build [--check]
     ptcompile tiny DIR [--shape PRESET]
     ptcompile schema [DIR]
+    ptcompile paper add FILE.bib [--category ID] [--file STEM] [--dry-run]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 from . import __version__
 from .errors import CompileError, TaxonomyError
 
-SUBCOMMANDS = ("list", "show", "diff", "validate", "build", "tiny", "schema")
+SUBCOMMANDS = ("list", "show", "diff", "validate", "build", "tiny", "schema", "paper")
 
 
 def _kb(args: argparse.Namespace):
@@ -273,6 +274,12 @@ def cmd_tiny(argv: list[str]) -> int:
     return 0
 
 
+def cmd_paper(argv: list[str]) -> int:
+    from .paper_add import main as paper_main
+
+    return paper_main(argv)
+
+
 def cmd_schema(argv: list[str]) -> int:
     from .json_schema import write_schemas
 
@@ -296,6 +303,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "build": cmd_build,
     "tiny": cmd_tiny,
     "schema": cmd_schema,
+    "paper": cmd_paper,
 }
 
 
