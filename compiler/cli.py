@@ -9,6 +9,7 @@
     ptcompile tiny DIR [--shape PRESET]
     ptcompile schema [DIR]
     ptcompile paper add FILE.bib [--category ID] [--file STEM] [--dry-run]
+    ptcompile estimate METHOD --model PRESET [--peft P] [--seq N] [--batch B] [--gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Callable
 from . import __version__
 from .errors import CompileError, TaxonomyError
 
-SUBCOMMANDS = ("list", "show", "diff", "validate", "build", "tiny", "schema", "paper")
+SUBCOMMANDS = ("list", "show", "diff", "validate", "build", "tiny", "schema", "paper", "estimate")
 
 
 def _kb(args: argparse.Namespace):
@@ -55,6 +56,7 @@ def compile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE", help="override a hyperparameter default (type- and range-checked); repeatable")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the script here instead of stdout")
     parser.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    parser.add_argument("--gpu", help="warn if the default batch and length will not fit this GPU (24GB, 40GB, 80GB, 141GB, h100, a100-40gb, rtx4090, ...)")
     parser.add_argument("--version", action="version", version=f"ptcompile {__version__}")
     _common(parser)
     return parser
@@ -67,6 +69,12 @@ def cmd_compile(argv: list[str]) -> int:
     args = compile_parser().parse_args(argv)
     kb = _kb(args)
     recipe = resolve(kb, args.method, args.model, args.peft, args.overrides, args.dataset)
+    if args.gpu:
+        from .estimate import fit_warning
+
+        warning = fit_warning(kb, recipe, args.gpu)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.output:
         path = Path(args.output)
         source = render_script(recipe, script_name=path.name)
@@ -280,6 +288,12 @@ def cmd_paper(argv: list[str]) -> int:
     return paper_main(argv)
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    from .estimate import main as estimate_main
+
+    return estimate_main(argv)
+
+
 def cmd_schema(argv: list[str]) -> int:
     from .json_schema import write_schemas
 
@@ -304,6 +318,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "tiny": cmd_tiny,
     "schema": cmd_schema,
     "paper": cmd_paper,
+    "estimate": cmd_estimate,
 }
 
 
