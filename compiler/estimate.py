@@ -5,7 +5,7 @@ The estimate is the sum of parts whose sizes follow from the model preset's dime
   weights     full fine-tuning keeps float32 master weights (4 B/param, compute in bf16 by autocast); with PEFT
               the frozen base is bfloat16 (2 B/param) or, for QLoRA, NF4 with double quantisation (0.5 B + 0.127
               bit per quantised param, Dettmers et al. 2023) while embeddings, norms and the LM head stay bf16;
-  gradients   4 B per trainable parameter (not counted at the peak: see below);
+  gradients   4 B per trainable parameter (alive at the end of the backward pass: see tensor_peak);
   optimiser   AdamW's two float32 moments, 8 B per trainable parameter;
   activations saved for the backward pass, per token and decoder layer: ACT_H bytes per hidden unit plus ACT_I
               per MLP unit (fp32 residual stream, bf16 matmuls); with LoRA the adapters also save their input
@@ -18,8 +18,9 @@ The estimate is the sum of parts whose sizes follow from the model preset's dime
   generation  online methods: the KV cache of the sampled batch (2 x layers x KV width x 2 B per token);
   overhead    CUDA context, cuBLAS workspaces and allocator fragmentation: OVERHEAD_FIXED + OVERHEAD_FRACTION.
 
-The peak of a step is reached at the start of the backward pass (activations and logits all alive, optimiser
-state allocated, gradients not yet materialised), which is what the sum models.
+The peak of a step is reached either at the start of the backward pass (activations and logits all alive,
+optimiser state allocated, gradients not yet materialised) or, for short sequences, at its end (all gradients
+written): `Estimate.tensor_peak` takes the larger.
 
 ACT_H and ACT_I were fitted to fake-tensor measurements of the emitted SFT script's real step
 (benchmarks/fake_memory.py: exact byte accounting of every tensor, no GPU needed) and checked against the H100
@@ -76,9 +77,22 @@ class Estimate:
     total_params: int
     tokens: int
 
+    gradients: float = 0.0
+
+    @property
+    def tensor_peak(self) -> float:
+        """Peak bytes of live tensors (what torch.cuda.max_memory_allocated reports).
+
+        Two moments compete: the start of the backward pass (all activations and logits alive) and its end
+        (all gradients written, activations freed, the embedding/LM-head gradient being formed)."""
+        start_of_backward = self.weights + self.optimizer + self.activations + self.logits + self.reference + self.generation
+        end_of_backward = self.weights + self.optimizer + self.gradients + 0.5 * self.logits + self.reference
+        return max(start_of_backward, end_of_backward)
+
     @property
     def total(self) -> float:
-        return self.weights + self.optimizer + self.activations + self.logits + self.reference + self.generation + self.overhead
+        """What must fit on the card: the tensor peak plus CUDA context and allocator overhead."""
+        return self.tensor_peak + self.overhead
 
 
 def linear_shapes(arch) -> dict[str, tuple[int, int]]:
@@ -171,9 +185,9 @@ def estimate(recipe, seq: int | None = None, batch: int | None = None, gradient_
         kv_width = arch.num_key_value_heads * arch.head_dim
         generation = 2 * arch.num_layers * kv_width * 2 * tokens
     optimizer = 8.0 * trainable
-    subtotal = weights + optimizer + activations + logits + reference + generation
-    overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * subtotal
-    return Estimate(weights, optimizer, activations, logits, reference, generation, overhead, trainable, total_params, tokens)
+    result = Estimate(weights, optimizer, activations, logits, reference, generation, 0.0, trainable, total_params, tokens, gradients=4.0 * trainable)
+    result.overhead = OVERHEAD_FIXED + OVERHEAD_FRACTION * result.tensor_peak
+    return result
 
 
 def resolve_gpu(name: str) -> tuple[str, float]:
@@ -234,15 +248,17 @@ def main(argv: list[str]) -> int:
     result = estimate(recipe, args.seq, args.batch, args.gradient_checkpointing)
     verdicts = {label: result.total / GiB <= capacity for label, capacity in GPUS.items()}
     if args.json:
-        print(json.dumps({**asdict(result), "total": result.total, "total_gib": result.total / GiB, "fits": verdicts}, indent=2))
+        print(json.dumps({**asdict(result), "tensor_peak": result.tensor_peak, "total": result.total, "total_gib": result.total / GiB, "fits": verdicts}, indent=2))
         return 0
     print(f"{recipe.method.id} x {recipe.model.id} ({recipe.peft.id if recipe.peft else 'full fine-tuning'}), {result.tokens} tokens per micro-batch"
           + (", gradient checkpointing" if args.gradient_checkpointing else ""))
     print(f"parameters: {result.total_params / 1e9:.3f} B total, {result.trainable_params / 1e6:.1f} M trainable")
-    for name in ("weights", "optimizer", "activations", "logits", "reference", "generation", "overhead"):
+    for name in ("weights", "optimizer", "gradients", "activations", "logits", "reference", "generation"):
         value = getattr(result, name)
         if value:
             print(f"  {name:12s} {value / GiB:8.2f} GiB")
+    print(f"  {'tensor peak':12s} {result.tensor_peak / GiB:8.2f} GiB  (what torch.cuda.max_memory_allocated would report)")
+    print(f"  {'+ overhead':12s} {result.overhead / GiB:8.2f} GiB  (CUDA context, workspaces, fragmentation)")
     print(f"  {'total':12s} {result.total / GiB:8.2f} GiB")
     for label, capacity in GPUS.items():
         print(f"  {label:>6s}: {'fits' if verdicts[label] else 'does not fit'}")
