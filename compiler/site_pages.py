@@ -478,15 +478,21 @@ def example_row(kb: KnowledgeBase, data_format: str) -> dict | None:
     return None
 
 
-def hyperparameter_records(kb: KnowledgeBase, method: schema.Method) -> dict[str, tuple[schema.Hyperparameter, str]]:
-    """name -> (record, origin), with the same precedence as the resolver: method > family > common."""
+def hyperparameter_records(kb: KnowledgeBase, method: schema.Method, recipe=None) -> dict[str, tuple[schema.Hyperparameter, str]]:
+    """name -> (record, who set it) for exactly the hyperparameters the resolver gives the method's script (it
+    decides precedence, method > family > common, and e.g. that inference methods take only the seed)."""
+    recipe = recipe or resolve(kb, method.id)
+    tables = {
+        "method": {hp.name: hp for hp in method.hyperparameters},
+        "family": {e.record.name: e.record for e in kb.family_training.get(method.script.family, [])},
+        "common": {e.record.name: e.record for e in kb.common_training},
+    }
+    labels = {"family": f"{method.script.family} family", "common": "common"}
     merged: dict[str, tuple[schema.Hyperparameter, str]] = {}
-    for entry in kb.common_training:
-        merged[entry.record.name] = (entry.record, "common")
-    for entry in kb.family_training.get(method.script.family, []):
-        merged[entry.record.name] = (entry.record, f"{method.script.family} family")
-    for hp in method.hyperparameters:
-        merged[hp.name] = (hp, "method")
+    for hp in recipe.hyperparameters:
+        record = tables.get(hp.origin, {}).get(hp.name)
+        if record is not None:
+            merged[hp.name] = (record, labels.get(hp.origin, hp.origin))
     return merged
 
 
@@ -514,13 +520,17 @@ def range_text(hp: schema.Hyperparameter) -> str:
     return ""
 
 
+def default_cell(hp: schema.Hyperparameter) -> str:
+    """The default, with the typical range or the choices below it, small."""
+    cell = code(value_text(hp.default))
+    return cell + (f"<br><small>{md(range_text(hp))}</small>" if range_text(hp) else "")
+
+
 def hyperparameter_table(kb: KnowledgeBase, page: str, rows: Iterable[tuple[schema.Hyperparameter, str]], origin_column: bool = True) -> list[str]:
     """name | default (range below) | description | source (and, small, which record set it)."""
     lines = ["| name | default | description | source |", "|---|---|---|---|"]
     for hp, origin in rows:
-        default = code(value_text(hp.default))
-        if range_text(hp):
-            default += f"<br><small>{md(range_text(hp))}</small>"
+        default = default_cell(hp)
         source = source_cell(kb, page, hp.source)
         if origin_column:
             source += f" <small>({md(origin)})</small>"
@@ -582,7 +592,7 @@ def method_page(kb: KnowledgeBase, method_id: str, script: str | None = None, ca
         "Override any of them with `--set name=value` at compile time or `--name value` when running the script.",
         "",
     ]
-    records = list(hyperparameter_records(kb, method).values())
+    records = list(hyperparameter_records(kb, method, recipe).values())
     rank = {"method": 0, "common": 2}
     records.sort(key=lambda r: rank.get(r[1], 1))  # the method's own values first, then its family's, then common
     lines += hyperparameter_table(kb, page, records)
@@ -845,7 +855,7 @@ def hyperparameters_page(cat: Catalogue) -> str:
     ]
     for name in sorted(uses):
         lines += [f"## {md(name)} {{ #{name} }}", ""]
-        lines += ["| where | default | range | description | source |", "|---|---|---|---|---|"]
+        lines += ["| where | default | description | source |", "|---|---|---|---|"]
         for where, hp in uses[name]:
             if where.startswith("method:"):
                 mid = where.split(":", 1)[1]
@@ -855,7 +865,7 @@ def hyperparameters_page(cat: Catalogue) -> str:
                 where_cell = link(page, peft_path(pid), kb.peft[pid].record.name)
             else:
                 where_cell = md(where)
-            lines.append(f"| {where_cell} | {code(value_text(hp.default))} | {code(range_text(hp)) if range_text(hp) else ''} | {md(hp.description)} | {source_cell(kb, page, hp.source)} |")
+            lines.append(f"| {where_cell} | {default_cell(hp)} | {md(hp.description)} | {source_cell(kb, page, hp.source)} |")
         lines += [""]
     return "\n".join(lines)
 
@@ -873,7 +883,7 @@ def guide_page(cat: Catalogue) -> str:
     groups: dict[str, list[str]] = defaultdict(list)
     for mid in sorted(kb.methods, key=lambda m: kb.methods[m].record.name.lower()):
         groups[situation(kb.methods[mid].record)].append(mid)
-    lines += ["## 1. What data or feedback do you have?", ""]
+    lines += ["## 1. What data or feedback do you have? { #data }", ""]
     for key, (title, explanation) in SITUATIONS.items():
         members = groups.get(key, [])
         if not members:
@@ -885,7 +895,7 @@ def guide_page(cat: Catalogue) -> str:
             lines.append(f"| {link(page, method_path(mid), method.name)} | {link(page, category_path(method.category), kb.categories[method.category].record.name)} | {md(memory_words(method))} | {md(first_sentence(method.summary))} |")
         lines += [""]
 
-    lines += ["## 2. How much memory do you have?", ""]
+    lines += ["## 2. How much memory do you have? { #memory }", ""]
     lines += [
         "Training holds the model being trained (weights, gradients and optimizer state: roughly 16 bytes per trained "
         "parameter with AdamW and float32 master weights) plus every frozen model the method needs (weights only: 2 bytes "
@@ -914,7 +924,7 @@ def guide_page(cat: Catalogue) -> str:
         "",
     ]
 
-    lines += ["## 3. Data formats", ""]
+    lines += ["## 3. Data formats { #formats }", ""]
     for fmt, fields in FORMAT_FIELDS.items():
         users = [m for m in sorted(kb.methods) if kb.methods[m].record.data_format == fmt]
         lines += [f"### {md(fmt)}: {md(FORMAT_TITLES.get(fmt, fmt))} {{ #format-{fmt} }}", ""]
@@ -1035,7 +1045,7 @@ def model_page(cat: Catalogue, model_id: str) -> str:
     lines += ["| | size |", "|---|---|"]
     lines += [f"| weights in float32 | {gib(4 * n)} |", f"| weights in bfloat16 | {gib(2 * n)} |", f"| weights in 4 bits (QLoRA's NF4 base, before quantization constants) | {gib(n / 2)} |"]
     lines += [f"| full fine-tuning, parameter terms (float32 weights + gradients + AdamW moments, 16 B/param) | {gib(16 * n)} |", ""]
-    lines += [f"A method with a frozen reference or reward model adds another copy of the weights for each ({link(page, GUIDE + '#2-how-much-memory-do-you-have', 'the guide')} lists which). Activation memory depends on sequence length and batch size and is not included; per-method, per-PEFT estimates appear here once ptcompile's memory estimator exists.", ""]
+    lines += [f"A method with a frozen reference or reward model adds another copy of the weights for each ({link(page, GUIDE + '#memory', 'the guide')} lists which). Activation memory depends on sequence length and batch size and is not included; per-method, per-PEFT estimates appear here once ptcompile's memory estimator exists.", ""]
     lines += ["## Compile a method for this model", ""]
     lines += ["| method | command |", "|---|---|"]
     for mid in sorted(kb.methods, key=lambda x: kb.methods[x].record.name.lower()):

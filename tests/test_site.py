@@ -189,8 +189,10 @@ def test_method_page(site, kb, pages):
     latex = re.search(r'<div class="ptc-math ptc-display">(.*?)</div>', raw).group(1)
     assert html.unescape(latex) == shown(method.objective.latex)  # as text; KaTeX typesets it in the browser
     assert '<svg class="ptc-lineage"' in raw and 'class="ptc-node ptc-focus"' in raw
-    for hp in resolve(kb, "dpo").hyperparameters:
+    resolved = resolve(kb, "dpo").hyperparameters
+    for hp in resolved:
         assert f'href="../../hyperparameters/#{hp.name}"' in raw, hp.name
+    assert raw.count('href="../../hyperparameters/#') == len(resolved)  # exactly the script's hyperparameters
     assert "ptcompile dpo --model qwen2.5-0.5b-instruct -o train_dpo.py" in html.unescape(raw)
     for model_id in kb.models:
         assert f"ptcompile dpo --model {model_id} -o train_dpo.py" in html.unescape(raw)
