@@ -40,8 +40,6 @@ from .recipe import resolve
 from .render import _escape_invisible, default_script_name, one_line, render_script
 from .runtime_args import FORMAT_FIELDS
 
-SITE_NAME = "ptcompile"
-
 # ---------------------------------------------------------------------------------------------------------
 # Escaping
 # ---------------------------------------------------------------------------------------------------------
@@ -178,13 +176,12 @@ def external(url: str, label: object) -> str:
     return f'<a href="{attr(url)}">{md(label)}</a>'
 
 
-def front_matter(title: str, boost: float | None = None, hide: Iterable[str] = ()) -> list[str]:
+def front_matter(title: str, boost: float | None = None) -> list[str]:
+    """YAML front matter: the (escaped) page title, and a search boost so that a method's own page ranks above
+    the pages that merely mention it."""
     lines = ["---", f"title: {title_meta(title)}"]
     if boost is not None:
         lines += ["search:", f"  boost: {boost}"]
-    hide = list(hide)
-    if hide:
-        lines += ["hide:"] + [f"  - {h}" for h in hide]
     return lines + ["---", ""]
 
 
@@ -370,7 +367,7 @@ def authors_short(paper: schema.Paper, limit: int = 3) -> str:
 NODE_W, NODE_H, COL_GAP, ROW_GAP, PAD = 136, 24, 64, 8, 6
 
 
-def lineage_svg(cat: Catalogue, page: str, focus: str | None = None, nodes: Iterable[str] | None = None) -> str:
+def lineage_svg(cat: Catalogue, page: str, focus: str | None = None) -> str:
     """Methods as boxes in columns by generation (a parent left of its children), arrows from parent to child.
 
     With `focus`, the drawing holds the method's ancestors, the method (highlighted) and its direct children;
@@ -378,12 +375,7 @@ def lineage_svg(cat: Catalogue, page: str, focus: str | None = None, nodes: Iter
     row of their parents and then of their children (two barycentre sweeps), which keeps most arrows short.
     """
     kb = cat.kb
-    if nodes is None:
-        if focus is None:
-            nodes = set(kb.methods)
-        else:
-            nodes = cat.method_ancestors(focus) | {focus} | set(kb.children(focus))
-    nodes = set(nodes)
+    nodes = set(kb.methods) if focus is None else cat.method_ancestors(focus) | {focus} | set(kb.children(focus))
     parents = {n: [p for p in kb.methods[n].record.derived_from if p in nodes] for n in nodes}
     kids: dict[str, list[str]] = {n: [] for n in nodes}
     for n, ps in parents.items():
