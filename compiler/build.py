@@ -3,7 +3,8 @@
 - generated/train_<method>.py   every method compiled for its default model (checked in; CI fails on drift)
 - generated/README.md           an index of those scripts
 - taxonomy/_schema/*.json       the draft-07 JSON Schemas editors use
-- site/docs/                    the reference site's markdown pages (built output, not checked in)
+- site/docs/                    the reference site's pages, assets and navigation (built output, not checked in;
+                                `cd site && mkdocs build --strict` turns them into the static site in site/build/)
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def build(kb: KnowledgeBase, root: Path | None = None, check: bool = False) -> i
     if root is None:
         raise CompileError("ptcompile build needs a source checkout (pass --root DIR)")
     targets: dict[Path, str] = {}
-    for name, text in generated_files(kb).items():
+    scripts = generated_files(kb)
+    for name, text in scripts.items():
         targets[root / "generated" / name] = text
     for name, text in render_schemas().items():
         targets[kb.root / "_schema" / name] = text
@@ -73,6 +75,6 @@ def build(kb: KnowledgeBase, root: Path | None = None, check: bool = False) -> i
         path.unlink()
     from .site_pages import write_site
 
-    pages = write_site(kb, root / "site")
+    pages = write_site(kb, root / "site", scripts=scripts)
     print(f"generated/: {len(targets) - len(render_schemas())} files ({len(stale)} updated, {len(extra)} removed); site pages: {pages}")
     return 0

@@ -15,6 +15,7 @@ off because the output is Python, not HTML: escaping is the filters' job. The re
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import textwrap
 import unicodedata
@@ -101,10 +102,17 @@ def make_environment(root: Path | None = None) -> jinja2.Environment:
     return env
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_environment(root: Path) -> jinja2.Environment:
+    """One environment per template directory, so each template is compiled once per process (not once per
+    script: `ptcompile build` renders every method). Jinja's auto_reload still picks up edited templates."""
+    return make_environment(root)
+
+
 def render_script(recipe: Recipe, templates: Path | None = None, script_name: str | None = None) -> str:
     from .runtime_args import TINY_DIR, runtime_groups
 
-    env = make_environment(templates)
+    env = _cached_environment(Path(templates or templates_dir()).resolve())
     name = f"{recipe.family}/script.py.j2"
     try:
         template = env.get_template(name)
