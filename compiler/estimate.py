@@ -8,8 +8,9 @@ The estimate is the sum of parts whose sizes follow from the model preset's dime
   gradients   4 B per trainable parameter (alive at the end of the backward pass: see tensor_peak);
   optimiser   AdamW's two float32 moments, 8 B per trainable parameter;
   activations saved for the backward pass, per token and decoder layer: ACT_H bytes per hidden unit plus ACT_I
-              per MLP unit (fp32 residual stream, bf16 matmuls); with LoRA the adapters also save their input
-              (float32) and its dropout, 8 B per input feature of each adapted linear; with gradient
+              per MLP unit (fp32 residual stream, bf16 matmuls); with LoRA each adapted linear also keeps its
+              input cast to float32 for the adapter (4 B per input feature; 5 B with dropout: the dropout's
+              output and mask); with gradient
               checkpointing only each layer's input (4 or 2 B per hidden unit) plus one layer being recomputed;
   logits      the bf16 logits (2 B per token and vocabulary entry) saved for backward, plus float32 working copies
               in the cross-entropy (8 B per token and entry): the largest single item for 128k-152k vocabularies;
@@ -167,7 +168,11 @@ def estimate(recipe, seq: int | None = None, batch: int | None = None, gradient_
         residual_bytes = 2
         shapes = linear_shapes(arch)
         adapted_inputs = sum(shapes[m][0] for m in recipe.model.lora_target_modules if m in shapes)
-        adapter_act = 8.0 * adapted_inputs if recipe.peft.id in ("lora", "qlora", "dora", "rslora", "adalora") else 0.0
+        # Each adapted linear casts its input to float32 for the adapter (4 B per feature) and, with LoRA dropout,
+        # keeps the dropout's output instead plus its mask (4 + 1 B).
+        dropout = recipe.has("lora_dropout") and recipe.hp("lora_dropout") > 0
+        per_feature = 5.0 if dropout else 4.0
+        adapter_act = per_feature * adapted_inputs if recipe.peft.id in ("lora", "qlora", "dora", "rslora", "adalora") else 0.0
 
     per_token_layer = ACT_H * h + ACT_I * mlp_units - (4 - residual_bytes) * 2 * h + adapter_act
     if gradient_checkpointing:

@@ -911,8 +911,8 @@ def guide_page(cat: Catalogue) -> str:
         lines.append(f"| {link(page, model_path(mid), entry.record.name)} | {human_count(n)} | {gib(2 * n)} | {gib(16 * n)} |")
     lines += [
         "",
-        "These are the parameter terms only (activations, sequence length and batch size come on top). Per-method, "
-        "per-PEFT estimates will appear on each model's page once ptcompile's memory estimator exists.",
+        "These are the parameter terms only (activations, sequence length and batch size come on top); each model's "
+        "page has `ptcompile estimate`'s peak memory per method and PEFT choice.",
         "",
     ]
 
@@ -1037,7 +1037,8 @@ def model_page(cat: Catalogue, model_id: str) -> str:
     lines += ["| | size |", "|---|---|"]
     lines += [f"| weights in float32 | {gib(4 * n)} |", f"| weights in bfloat16 | {gib(2 * n)} |", f"| weights in 4 bits (QLoRA's NF4 base, before quantization constants) | {gib(n / 2)} |"]
     lines += [f"| full fine-tuning, parameter terms (float32 weights + gradients + AdamW moments, 16 B/param) | {gib(16 * n)} |", ""]
-    lines += [f"A method with a frozen reference or reward model adds another copy of the weights for each ({link(page, GUIDE + '#memory', 'the guide')} lists which). Activation memory depends on sequence length and batch size and is not included; per-method, per-PEFT estimates appear here once ptcompile's memory estimator exists.", ""]
+    lines += [f"A method with a frozen reference or reward model adds another copy of the weights for each ({link(page, GUIDE + '#memory', 'the guide')} lists which).", ""]
+    lines += memory_table(kb, model_id)
     lines += ["## Compile a method for this model", ""]
     lines += ["| method | command |", "|---|---|"]
     for mid in sorted(kb.methods, key=lambda x: kb.methods[x].record.name.lower()):
@@ -1046,6 +1047,43 @@ def model_page(cat: Catalogue, model_id: str) -> str:
         lines.append(f"| {link(page, method_path(mid), method.name)} | {code(f'ptcompile {mid} --model {model_id} -o {name}')} |")
     lines += [""]
     return "\n".join(lines)
+
+
+ESTIMATE_METHODS = ("sft", "dpo", "grpo")
+ESTIMATE_PEFT = ("none", "lora", "qlora")
+
+
+def memory_table(kb: KnowledgeBase, model_id: str) -> list[str]:
+    """Peak GPU memory per method and PEFT choice from `ptcompile estimate`, at each method's default batch and length."""
+    from .estimate import GPUS, GiB, estimate
+
+    rows = []
+    for method_id in ESTIMATE_METHODS:
+        if method_id not in kb.methods:
+            continue
+        for peft in ESTIMATE_PEFT:
+            if peft != "none" and peft not in kb.peft:
+                continue
+            recipe = resolve(kb, method_id, model_id, peft)
+            result = estimate(recipe)
+            fits = [label for label, capacity in GPUS.items() if result.total / GiB <= capacity]
+            seq = recipe.hp("max_length") if recipe.has("max_length") else "-"
+            batch = recipe.hp("per_device_train_batch_size") if recipe.has("per_device_train_batch_size") else "-"
+            rows.append(f"| {code(method_id)} | {code(peft)} | {batch} x {seq} | {result.total / GiB:,.1f} GiB | {md(fits[0]) if fits else 'more than 141GB: use FSDP or gradient checkpointing'} |")
+    if not rows:
+        return []
+    return [
+        "### Estimated peak GPU memory",
+        "",
+        "From `ptcompile estimate` (weights, optimiser state, activations, logits, frozen copies and CUDA overhead; "
+        "default micro-batch and sequence length of each method; no gradient checkpointing). "
+        f"Try other settings with {code('ptcompile estimate METHOD --model ' + model_id + ' --seq N --batch B')}.",
+        "",
+        "| method | PEFT | batch x length | peak | smallest GPU that fits |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def peft_index(cat: Catalogue) -> str:
