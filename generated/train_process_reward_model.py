@@ -423,7 +423,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
-    """The token-classification model (two classes per token: incorrect, correct) (with its PEFT adapters when `trainable`), on this process's device."""
+    """The token-classification model with a two-class (incorrect, correct) head (with its PEFT adapters when `trainable`), on this process's device."""
     model = AutoModelForTokenClassification.from_pretrained(
         args.model_name_or_path, num_labels=2, id2label={0: "incorrect", 1: "correct"}, label2id={"incorrect": 0, "correct": 1}, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )

@@ -414,7 +414,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
-    """The sequence-classification model (one scalar score per sequence) (with its PEFT adapters when `trainable`), on this process's device."""
+    """The sequence-classification model with a one-number score head (with its PEFT adapters when `trainable`), on this process's device."""
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model_name_or_path, num_labels=1, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from conftest import generated_script, mean, train_tiny
+from conftest import generated_script, mean, tiny_args, train_tiny
 from scorer_card import load_scorer, reward_scores
 
 
@@ -141,7 +141,7 @@ def test_lora_scorer_is_merged_and_matches_training(kb, tiny, tmp_path):
 
 
 def test_bad_rows_are_located_and_long_pairs_dropped(kb, tiny, tmp_path):
-    from conftest import run_script, tiny_args
+    from conftest import run_script
 
     rows = [json.loads(line) for line in (tiny / "data" / "preference.jsonl").read_text().splitlines()][:40]
     rows[2]["margin"] = "big"
@@ -170,3 +170,20 @@ def test_virtual_token_peft_is_refused_for_scorers(kb, peft):
     for method in ("reward-model", "process-reward-model"):
         with pytest.raises(CompileError, match="cannot be merged"):
             compile_script(kb, method, peft=peft)
+
+
+def test_resume_continues_exactly(kb, tiny, tmp_path):
+    """A run stopped after its step-3 checkpoint and resumed gives the uninterrupted run's losses (the
+    sequence-classification head is saved and restored with the rest of the model)."""
+    import shutil
+
+    from conftest import FAST, read_metrics, run_script
+
+    flags = tiny_args(kb, "reward-model", tiny) + FAST + ["--max_steps", "6", "--learning_rate", "1e-3"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_script(generated_script("reward-model"), flags + ["--output_dir", str(whole)], cwd=tmp_path)
+    run_script(generated_script("reward-model"), flags + ["--output_dir", str(resumed), "--save_steps", "3"], cwd=tmp_path)
+    shutil.rmtree(resumed / "final")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (resumed / "metrics.jsonl").read_text().splitlines()[:3]))
+    run_script(generated_script("reward-model"), flags + ["--output_dir", str(resumed), "--save_steps", "3", "--resume_from_checkpoint", "latest"], cwd=tmp_path)
+    assert [m["loss"] for m in read_metrics(resumed)] == [m["loss"] for m in read_metrics(whole)]
