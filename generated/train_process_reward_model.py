@@ -722,6 +722,9 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # honest step times: wait for the GPU to finish
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
         progress.update(1)
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
