@@ -323,11 +323,15 @@ def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
 
 
 def encode_row(row: dict, where: str, encoder: ChatEncoder, tokenizer, args: Args) -> dict:
-    """One row -> {"input_ids", "labels"}; labels are -100 where no loss is taken."""
+    """One row -> {"input_ids", "labels", "position_ids"}; labels are -100 where no loss is taken."""
     messages = as_messages(column(row, args.messages_column, where), where, args.messages_column, role="user")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: conversation has no non-empty assistant message to learn from")
     input_ids, labels = encoder.conversation(messages, where)
+    return truncate_and_check(input_ids, labels, where, args)
+
+
+def truncate_and_check(input_ids: list[int], labels: list[int], where: str, args: Args) -> dict:
     input_ids, labels = input_ids[: args.max_length], labels[: args.max_length]
     # The first token of an example is never predicted (nothing precedes it); masking it keeps packed rows,
     # where a previous example does precede it, identical to unpacked ones.
