@@ -454,6 +454,7 @@ def load_teacher(args: Args, tokenizer, accelerator: Accelerator):
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher_model, dtype=DTYPES[args.teacher_dtype], attn_implementation=args.attn_implementation)
     if teacher.get_output_embeddings().weight.size(0) < len(tokenizer):
         raise SystemExit(f"error: the teacher {args.teacher_model} has fewer output logits than its tokenizer has tokens")
+    teacher.config.use_cache = False  # the KV cache only helps generation
     return teacher.to(accelerator.device).eval().requires_grad_(False)
 
 

@@ -444,7 +444,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
     """Summed loss of one micro-batch (the loop divides by the step's global token count)."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    logits = model(**inputs).logits
+    # use_cache=False matters for packed rows: transformers reads example boundaries from the position ids
+    # only when no KV cache is in play.
+    logits = model(**inputs, use_cache=False).logits
     loss_sum = causal_lm_loss(logits, batch["labels"])
     return loss_sum, {}
 
