@@ -73,11 +73,13 @@ class Args:
 
     # --- Method hyperparameters: Continued pretraining -----------------------------------------------
     packing: bool = True
-    """Concatenate documents into full max_length blocks so no compute is spent on padding; for raw
-    text there are no example boundaries worth preserving beyond the end-of-text token between
-    documents. Source: common practice: Language-model pretraining packs documents into
-    fixed-length blocks (TRL SFTConfig packing=True, Axolotl pretraining_dataset); the paper
-    itself pretrains RoBERTa on its usual fixed-length segments."""
+    """Concatenate whole documents into rows of up to max_length tokens so little compute is spent
+    on padding. Position ids restart at every document, so no token attends across documents and
+    the loss equals the unpacked one. (Documents longer than max_length are first split into
+    max_length windows, packed or not, so no text is dropped.) Source: common practice:
+    Language-model pretraining packs documents into fixed-length blocks (TRL SFTConfig
+    packing=True, Axolotl pretraining_dataset); the paper itself pretrains RoBERTa on its usual
+    fixed-length segments."""
 
     # --- Training defaults of the 'sft' family -------------------------------------------------------
     num_train_epochs: int = 3
@@ -325,12 +327,18 @@ def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
     skipped.append(str(error))
 
 
-def encode_row(row: dict, where: str, encoder: ChatEncoder, tokenizer, args: Args) -> dict:
-    """One row -> {"input_ids", "labels", "position_ids"}; labels are -100 where no loss is taken."""
-    # Raw text: every token is a target. The end-of-text token teaches the model where documents stop.
+def encode_row(row: dict, where: str, encoder: ChatEncoder, tokenizer, args: Args) -> list[dict]:
+    """One document -> windows of at most max_length tokens, each {"input_ids", "labels", "position_ids"}.
+
+    Raw text: every token is a target, and the end-of-text token teaches the model where documents stop. A
+    document longer than max_length is split rather than cut: consecutive windows overlap by one token, so
+    the first token of a window (never predicted in its own window) is the last target of the previous one,
+    and every token but the document's first is trained exactly once. Windows do not see each other.
+    """
     input_ids = tokenizer(text_field(row, args.text_column, where))["input_ids"] + [tokenizer.eos_token_id]
-    labels = list(input_ids)
-    return truncate_and_check(input_ids, labels, where, args)
+    stride = args.max_length - 1
+    windows = [input_ids[start : start + args.max_length] for start in range(0, len(input_ids) - 1, stride)]
+    return [truncate_and_check(ids, list(ids), where, args) for ids in windows]
 
 
 def truncate_and_check(input_ids: list[int], labels: list[int], where: str, args: Args) -> dict:
@@ -366,7 +374,7 @@ def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
     encoder, items, skipped = ChatEncoder(tokenizer), [], []
     for where, row in iter_rows(args):
         try:
-            items.append(encode_row(row, where, encoder, tokenizer, args))
+            items += encode_row(row, where, encoder, tokenizer, args)  # a long document gives several windows
         except DataError as error:
             keep_or_raise(args, error, skipped)
     if args.packing:

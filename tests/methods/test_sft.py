@@ -71,7 +71,10 @@ def test_continued_pretraining_packs_by_default_and_its_loss_falls(kb, tiny, tmp
 def encode_and_score(script, tokenizer, model, rows: list[dict], packing: bool, max_length: int):
     args = script.parse_args(["--packing", str(packing).lower(), "--max_length", str(max_length)])
     encoder = script.ChatEncoder(tokenizer)
-    examples = [script.encode_row(row, f"row {i}", encoder, tokenizer, args) for i, row in enumerate(rows)]
+    examples = []
+    for i, row in enumerate(rows):
+        encoded = script.encode_row(row, f"row {i}", encoder, tokenizer, args)
+        examples += encoded if isinstance(encoded, list) else [encoded]  # text rows give a list of windows
     items = script.pack(examples, args.max_length) if packing else examples
     batch = script.collate(items, tokenizer, args, torch.device("cpu"))
     with torch.no_grad():
@@ -109,15 +112,24 @@ def test_a_batch_of_several_packed_rows_equals_the_unpacked_batch(kb, tiny, meth
     assert abs(float(leaky_loss) - unpacked_loss) > 5e-5 * abs(unpacked_loss)
 
 
-def test_text_rows_train_every_token_but_the_first(kb, tiny):
+def test_text_rows_train_every_token_but_the_first_and_long_ones_are_split_not_cut(kb, tiny):
     script = load_script_module(generated_script("continued-pretraining"), name="cpt_labels")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
-    args = script.parse_args(["--max_length", "512"])
-    item = script.encode_row({"text": "The red cat sleeps. The cat is red."}, "row 0", script.ChatEncoder(tokenizer), tokenizer, args)
+    encoder = script.ChatEncoder(tokenizer)
+    [item] = script.encode_row({"text": "The red cat sleeps. The cat is red."}, "row 0", encoder, tokenizer, script.parse_args(["--max_length", "512"]))
     assert item["input_ids"][-1] == tokenizer.eos_token_id
     assert item["labels"][0] == -100 and item["labels"][1:] == item["input_ids"][1:]
+
+    text = " ".join(f"The {c} {a} sleeps." for c, a in zip(["red", "blue", "gold", "pink"] * 8, ["cat", "dog", "owl", "fox"] * 8))
+    whole = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    windows = script.encode_row({"text": text}, "row 1", encoder, tokenizer, script.parse_args(["--max_length", "32"]))
+    assert len(windows) == math.ceil((len(whole) - 1) / 31) >= 4
+    assert all(2 <= len(w["input_ids"]) <= 32 and w["labels"][0] == -100 and w["labels"][1:] == w["input_ids"][1:] for w in windows)
+    # Windows overlap by one token, so the targets are every token of the document but its first, once each.
+    assert sum((w["labels"][1:] for w in windows), []) == whole[1:]
+    assert windows[0]["input_ids"][0] == whole[0] and all(a["input_ids"][-1] == b["input_ids"][0] for a, b in zip(windows, windows[1:]))
 
 
 def test_packed_continued_pretraining_accumulation_and_data_parallel_equal_one_big_batch(kb, tiny, tmp_path):

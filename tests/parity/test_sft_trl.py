@@ -141,7 +141,8 @@ def test_packed_continued_pretraining_matches_sft_trainer_packing(tiny, tmp_path
     args = script.parse_args(["--max_length", "128"])
     assert args.packing  # the method's default
     encoder = script.ChatEncoder(tokenizer)
-    examples = [script.encode_row(r, f"row {i}", encoder, tokenizer, args) for i, r in enumerate(rows)]
+    examples = [window for i, r in enumerate(rows) for window in script.encode_row(r, f"row {i}", encoder, tokenizer, args)]
+    assert len(examples) == len(rows)  # no document is longer than 128 tokens here
     packed = script.pack(examples, args.max_length)
     assert len(packed) > 1
     (trl_loss, trl_tokens), (loss, tokens) = trl_mean_loss(trainer), our_mean_loss(script, model, tokenizer, packed, args)
