@@ -128,8 +128,6 @@ def test_kd_accumulation_and_data_parallel_equal_one_big_batch(kb, tiny, tmp_pat
 
 
 def test_sequence_level_kd_trains_on_the_teachers_greedy_replies(kb, tiny, tmp_path, teacher):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     data = tmp_path / "chat-32.jsonl"
     data.write_text("".join((tiny / "data" / "chat.jsonl").read_text().splitlines(keepends=True)[:32]))
     output = tmp_path / "run"
@@ -145,17 +143,38 @@ def test_sequence_level_kd_trains_on_the_teachers_greedy_replies(kb, tiny, tmp_p
         assert entry["prompt"] == row["messages"][: last_user + 1]  # the conversation up to its last user turn
 
     # Batched, left-padded generation in the script == one prompt at a time here (greedy, 12 new tokens).
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
-    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    for entry in saved[:6]:
-        ids = tokenizer.apply_chat_template(entry["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
-        assert entry["reply"] == tokenizer.decode(out[0, ids["input_ids"].size(1) :], skip_special_tokens=True).strip()
+    assert_greedy_replies(teacher, saved[:6])
 
     losses = [m["loss"] for m in read_metrics(output)]
     assert len(losses) == 12
     assert mean(losses[-3:]) < 0.5 * losses[0], losses
+
+
+def assert_greedy_replies(teacher, saved: list[dict], max_new_tokens: int = 12) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    for entry in saved:
+        ids = tokenizer.apply_chat_template(entry["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0)
+        assert entry["reply"] == tokenizer.decode(out[0, ids["input_ids"].size(1) :], skip_special_tokens=True).strip()
+
+
+def test_sequence_level_kd_generation_split_over_two_processes(kb, tiny, tmp_path, teacher):
+    """With 2 processes each answers every other prompt; all replies come back, in the dataset's order."""
+    data = tmp_path / "chat-16.jsonl"
+    data.write_text("".join((tiny / "data" / "chat.jsonl").read_text().splitlines(keepends=True)[:16]))
+    output = tmp_path / "run"
+    flags = tiny_args(kb, "distillation-hard", tiny) + ["--dataset", str(data)] + FAST + teacher_flags(teacher)
+    flags += ["--max_new_tokens", "12", "--generation_batch_size", "4", "--per_device_train_batch_size", "4", "--max_steps", "1", "--output_dir", str(output)]
+    run_script(generated_script("distillation-hard"), flags, cwd=tmp_path, processes=2)
+    saved = [json.loads(line) for line in (output / "teacher_replies.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [entry["prompt"][-1] for entry in saved] == [[m for m in row["messages"] if m["role"] == "user"][-1] for row in rows]
+    assert_greedy_replies(teacher, saved[:4])  # prompts 0 and 2 from rank 0, 1 and 3 from rank 1
+    assert len(read_metrics(output)) == 1
 
 
 def test_sequence_level_kd_without_a_teacher_is_sft_on_the_dataset(kb, tiny):
