@@ -67,7 +67,7 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
     ]
     if recipe.family in ("sft", "distill") and recipe.has("teacher_model"):
         model_fields.append(
-            RuntimeField("teacher_dtype", "str", recipe.model.dtype, "dtype the frozen teacher (--teacher_model) is loaded in: float32, bfloat16 or float16. It only runs forward passes, so it needs no float32 master weights.")
+            RuntimeField("teacher_dtype", "str", recipe.model.dtype, "dtype the frozen teacher (--teacher_model) is loaded in: float32, bfloat16 or float16. It only runs inference (no gradients), so it needs no float32 master weights.")
         )
     model_fields += [
         RuntimeField("dataset", "str", data_path, f"A local .jsonl / .json / .parquet file or a Hub dataset id (preset '{recipe.dataset.id}')."),

@@ -66,7 +66,7 @@ class Args:
     """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
     teacher_dtype: str = 'bfloat16'
     """dtype the frozen teacher (--teacher_model) is loaded in: float32, bfloat16 or float16. It
-    only runs forward passes, so it needs no float32 master weights."""
+    only runs inference (no gradients), so it needs no float32 master weights."""
     dataset: str = 'HuggingFaceH4/ultrachat_200k'
     """A local .jsonl / .json / .parquet file or a Hub dataset id (preset 'ultrachat-200k')."""
     dataset_config: str = ''

@@ -201,3 +201,20 @@ def test_teacher_replies_are_reused_on_resume(kb, tiny, tmp_path):
     (output / "teacher_replies.jsonl").write_text("".join(json.dumps({"prompt": p, "reply": r}) + "\n" for p, r in zip(prompts, ["red cat", "bee owl"])))
     args = dh.parse_args(["--teacher_model", str(tmp_path / "missing"), "--output_dir", str(output), "--resume_from_checkpoint", "latest"])
     assert dh.teacher_replies(prompts, args) == ["red cat", "bee owl"]
+
+
+def test_sampled_teacher_replies_follow_the_seed_and_differ_from_greedy(kb, tiny, tmp_path, teacher):
+    """do_sample true: replies are drawn with temperature / top_p (same seed, same replies); greedy differs."""
+    from transformers import set_seed
+
+    dh = load_script_module(generated_script("distillation-hard"), name="dh_sampling")
+    prompts = [[{"role": "user", "content": f"Repeat after me: {words}"}] for words in ("red cat", "owl bee yak", "gold fox", "pink hen eel")]
+    common = ["--teacher_model", str(teacher), "--teacher_dtype", "float32", "--max_new_tokens", "10", "--generation_batch_size", "2"]
+    sampled = []
+    for run in range(2):
+        set_seed(7)
+        sampled.append(dh.teacher_replies(prompts, dh.parse_args(common + ["--do_sample", "true", "--temperature", "1.5", "--output_dir", str(tmp_path / f"s{run}")])))
+    greedy = dh.teacher_replies(prompts, dh.parse_args(common + ["--output_dir", str(tmp_path / "g")]))
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != greedy
+    assert (tmp_path / "g" / "teacher_replies.jsonl").is_file()
