@@ -89,9 +89,9 @@ class Args:
     temperature: float = 1.0
     """Softmax temperature T applied to both teacher and student logits in the distillation term;
     higher values expose more of the teacher's low-probability alternatives. Typical range:
-    [0.1, 20.0]. Source: common practice: TRL 1.16's DistillationTrainer default (1.0); GKD
-    trains at temperature 1 (Appendix A, per TRL's paper index). Hinton et al. raise T when the
-    teacher is very confident."""
+    [0.1, 20.0]. Source: common practice: TRL 1.16's DistillationTrainer default (1.0); TRL's
+    GKDTrainer computes its divergence at temperature 1 (GKDConfig.temperature only sets
+    sampling). Hinton et al. raise T when the teacher is very confident."""
     alpha: float = 1.0
     """Weight of the distillation term; 1 - alpha weights the hard-label cross-entropy on the
     dataset tokens. 1.0 is pure soft-label distillation. Typical range: [0.0, 1.0]. Source:
@@ -111,8 +111,8 @@ class Args:
     and 1; it behaves like forward KL as β approaches 0 and like reverse KL as β approaches 1
     (after rescaling), and vanishes at the endpoints themselves (choose divergence forward_kl or
     reverse_kl for those). Typical range: [0.01, 0.99]. Source: common practice: TRL 1.16
-    GKDConfig default beta 0.5, which TRL's paper index gives for the paper's XSum setting (Sec.
-    3)."""
+    GKDConfig default beta 0.5, the symmetric middle of the interpolation; the paper finds the
+    best divergence task-dependent."""
 
     # --- Training defaults of the 'distill' family ---------------------------------------------------
     learning_rate: float = 2e-05

@@ -146,6 +146,7 @@ def test_merge_flag_is_offered_only_where_a_merge_exists(kb):
     for technique in TECHNIQUES:
         source = compile_script(kb, "sft", "tiny", technique)
         assert ("merge_adapter: bool" in source) == (technique in MERGEABLE), technique
+        assert ("merge_and_unload()" in source) == (technique in MERGEABLE), technique  # save_final's branch
 
 
 def test_qlora_base_is_4bit_nf4_with_double_quantization(kb, tiny, tmp_path):
