@@ -25,6 +25,11 @@ FORMAT_FIELDS: dict[str, list[tuple[str, str]]] = {
 }
 
 
+MERGEABLE_PEFT = ("lora", "dora", "rslora", "adalora", "ia3")
+"""Techniques whose trained adapter folds into the base weights (peft merge_and_unload); prompt-learning
+techniques (prefix, prompt, P-tuning v2) add virtual tokens, which no weight merge can express."""
+
+
 @dataclass(frozen=True)
 class RuntimeField:
     name: str
@@ -59,6 +64,12 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
             ),
         ),
         RuntimeField("attn_implementation", "str", "sdpa", "Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."),
+    ]
+    if recipe.family in ("sft", "distill") and recipe.has("teacher_model"):
+        model_fields.append(
+            RuntimeField("teacher_dtype", "str", recipe.model.dtype, "dtype the frozen teacher (--teacher_model) is loaded in: float32, bfloat16 or float16. It only runs inference (no gradients), so it needs no float32 master weights.")
+        )
+    model_fields += [
         RuntimeField("dataset", "str", data_path, f"A local .jsonl / .json / .parquet file or a Hub dataset id (preset '{recipe.dataset.id}')."),
         RuntimeField("dataset_config", "str", data_config, "Hub dataset configuration name ('' for none)."),
         RuntimeField("dataset_split", "str", data_split, "Hub dataset split."),
@@ -90,7 +101,7 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         RuntimeField("skip_bad_rows", "bool", False, "Skip and count malformed rows instead of stopping at the first one."),
         RuntimeField("report_to", "str", "", "Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."),
     ]
-    if recipe.peft is not None and not recipe.peft.quantized:
+    if recipe.peft is not None and not recipe.peft.quantized and recipe.peft.id in MERGEABLE_PEFT:
         if recipe.family in SCORER_FAMILIES:
             run_fields.append(RuntimeField("merge_adapter", "bool", True, "Merge the adapter into the base weights before the final save, so final/ loads as a plain scorer (false: save only the adapter)."))
         else:

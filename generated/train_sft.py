@@ -323,11 +323,15 @@ def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
 
 
 def encode_row(row: dict, where: str, encoder: ChatEncoder, tokenizer, args: Args) -> dict:
-    """One row -> {"input_ids", "labels"}; labels are -100 where no loss is taken."""
+    """One row -> {"input_ids", "labels", "position_ids"}; labels are -100 where no loss is taken."""
     messages = as_messages(column(row, args.messages_column, where), where, args.messages_column, role="user")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: conversation has no non-empty assistant message to learn from")
     input_ids, labels = encoder.conversation(messages, where)
+    return truncate_and_check(input_ids, labels, where, args)
+
+
+def truncate_and_check(input_ids: list[int], labels: list[int], where: str, args: Args) -> dict:
     input_ids, labels = input_ids[: args.max_length], labels[: args.max_length]
     # The first token of an example is never predicted (nothing precedes it); masking it keeps packed rows,
     # where a previous example does precede it, identical to unpacked ones.
@@ -440,7 +444,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
     """Summed loss of one micro-batch (the loop divides by the step's global token count)."""
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-    logits = model(**inputs).logits
+    # use_cache=False matters for packed rows: transformers reads example boundaries from the position ids
+    # only when no KV cache is in play.
+    logits = model(**inputs, use_cache=False).logits
     loss_sum = causal_lm_loss(logits, batch["labels"])
     return loss_sum, {}
 

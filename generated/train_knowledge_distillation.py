@@ -1,0 +1,796 @@
+"""Soft-label knowledge distillation (knowledge-distillation): a single-file training script compiled by ptcompile.
+
+Papers:
+    - Distilling the Knowledge in a Neural Network (Hinton et al., 2015), arXiv 1503.02531 [hinton2015distilling]
+    - On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes (Agarwal et al., 2023), arXiv 2306.13649 [agarwal2023onpolicy]
+
+Objective (Hinton et al. Sec. 2 (soft targets, T² scaling); generalized JSD from Agarwal et al. Eq. 1, as cited in TRL's code of hinton2015distilling):
+    L = α·T²·(1/N)·Σ_t D(p_T^τ, p_S^τ) + (1-α)·(1/N)·Σ_t -log p_S(y_t | x, y_<t), p^τ =
+    softmax(logits/T), D = KL(p_T‖p_S) (forward_kl) | KL(p_S‖p_T) (reverse_kl) | β·KL(p_T‖M) +
+    (1-β)·KL(p_S‖M) with M = β·p_T + (1-β)·p_S (jsd, β = jsd_beta); sums over completion tokens
+
+The student matches the teacher's full next-token distribution at every position of a fixed dataset,
+not only the token in the data. This carries the teacher's knowledge of which alternatives are
+nearly right. The divergence can be forward KL (Hinton's soft targets), reverse KL, or GKD's
+generalized Jensen-Shannon; a hard-label cross-entropy term can be mixed in.
+
+Model:   Qwen2.5-0.5B (Qwen/Qwen2.5-0.5B), full fine-tuning
+Data:    UltraChat 200k (SFT split) (HuggingFaceH4/ultrachat_200k, split train_sft), format "chat"
+Every hyperparameter in `Args` names its source (paper and section, or common practice and why).
+
+Compiled with:
+    ptcompile knowledge-distillation --model qwen2.5-0.5b
+
+Run:
+    python train_knowledge_distillation.py --help
+    python train_knowledge_distillation.py                          # one process: a GPU if there is one, else the CPU
+    accelerate launch train_knowledge_distillation.py               # data parallel over all GPUs (`accelerate config` for FSDP)
+    python train_knowledge_distillation.py --resume_from_checkpoint latest   # continue an interrupted run exactly
+
+Requires: torch, transformers>=5, accelerate, datasets.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+
+@dataclass
+class Args:
+    """Every setting of the run. Each field is a command-line flag: --name value (booleans: true/false)."""
+
+    # --- Model and data ------------------------------------------------------------------------------
+    model_name_or_path: str = 'Qwen/Qwen2.5-0.5B'
+    """Hub id or local directory of the model (preset 'qwen2.5-0.5b')."""
+    model_dtype: str = 'float32'
+    """dtype the weights are loaded in: float32, bfloat16 or float16. Full fine-tuning keeps
+    float32 master weights and computes in bf16 through --mixed_precision."""
+    attn_implementation: str = 'sdpa'
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
+    teacher_dtype: str = 'bfloat16'
+    """dtype the frozen teacher (--teacher_model) is loaded in: float32, bfloat16 or float16. It
+    only runs inference (no gradients), so it needs no float32 master weights."""
+    dataset: str = 'HuggingFaceH4/ultrachat_200k'
+    """A local .jsonl / .json / .parquet file or a Hub dataset id (preset 'ultrachat-200k')."""
+    dataset_config: str = ''
+    """Hub dataset configuration name ('' for none)."""
+    dataset_split: str = 'train_sft'
+    """Hub dataset split."""
+    messages_column: str = 'messages'
+    """Column holding messages: list of {role, content} messages; loss on the assistant turns."""
+    output_dir: str = 'runs/knowledge-distillation'
+    """Where checkpoints, metrics.jsonl and the final model go."""
+
+    # --- Method hyperparameters: Soft-label knowledge distillation -----------------------------------
+    teacher_model: str = 'Qwen/Qwen2.5-1.5B-Instruct'
+    """Hub id or local directory of the teacher (the default is the qwen2.5-1.5b-instruct preset).
+    It must share the student's tokenizer and vocabulary, since distributions are compared token
+    by token; the script checks this before loading the teacher's weights. With another student
+    family, pass a teacher of that family. Source: common practice: A larger model of the
+    default student's family (Qwen2.5 models share one tokenizer), small enough to run beside
+    the student on one GPU."""
+    temperature: float = 1.0
+    """Softmax temperature T applied to both teacher and student logits in the distillation term;
+    higher values expose more of the teacher's low-probability alternatives. Typical range:
+    [0.1, 20.0]. Source: common practice: TRL 1.16's DistillationTrainer default (1.0); TRL's
+    GKDTrainer computes its divergence at temperature 1 (GKDConfig.temperature only sets
+    sampling). Hinton et al. raise T when the teacher is very confident."""
+    alpha: float = 1.0
+    """Weight of the distillation term; 1 - alpha weights the hard-label cross-entropy on the
+    dataset tokens. 1.0 is pure soft-label distillation. Typical range: [0.0, 1.0]. Source:
+    common practice: TRL's GKDTrainer and DistillationTrainer use the distillation term alone;
+    Hinton et al. (Sec. 2) found that, when mixing, a considerably lower weight on the
+    hard-label term works best."""
+    divergence: str = 'forward_kl'
+    """Divergence D between teacher and student token distributions. forward_kl is mass-covering
+    (Hinton's soft targets); reverse_kl is mode-seeking, useful when the student cannot
+    represent the whole teacher distribution; jsd interpolates with jsd_beta. Chosen when
+    compiling (--set divergence=...): the script contains the selected divergence's code only,
+    and refuses another value on its command line. One of: forward_kl, reverse_kl, jsd. Source:
+    hinton2015distilling, Sec. 2: cross-entropy against the teacher's softened distribution,
+    i.e. forward KL up to a constant."""
+    jsd_beta: float = 0.5
+    """Interpolation β of the generalized JSD (used only with divergence jsd), strictly between 0
+    and 1; it behaves like forward KL as β approaches 0 and like reverse KL as β approaches 1
+    (after rescaling), and vanishes at the endpoints themselves (choose divergence forward_kl or
+    reverse_kl for those). Typical range: [0.01, 0.99]. Source: common practice: TRL 1.16
+    GKDConfig default beta 0.5, the symmetric middle of the interpolation; the paper finds the
+    best divergence task-dependent."""
+
+    # --- Training defaults of the 'distill' family ---------------------------------------------------
+    learning_rate: float = 2e-05
+    """Peak learning rate for the student. Typical range: [1e-08, 0.01]. Source: common practice:
+    As for SFT of the same model."""
+    max_length: int = 1024
+    """Maximum tokens per sequence. Typical range: [16, 1048576]. Source: common practice: Teacher
+    and student both run on every token, so shorter sequences than SFT keep memory in check."""
+
+    # --- Optimisation defaults shared by every method ------------------------------------------------
+    seed: int = 42
+    """Seed for initialisation of new parameters, data order and sampling; the same seed reproduces
+    a run. Typical range: [0, 4294967295]. Source: common practice: Any fixed value; 42 is the
+    transformers/TRL default, kept so runs compare."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0). Typical range: [1, 100]. Source:
+    common practice: Post-training rarely needs more than 1-3 epochs; more overfits small
+    corpora."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for num_train_epochs. Typical range: [-1,
+    100000000]. Source: common practice: Epoch-based by default, as in transformers' Trainer."""
+    per_device_train_batch_size: int = 4
+    """Sequences (or pairs, groups) per device per micro-batch. Typical range: [1, 4096]. Source:
+    common practice: Fits a 7-8B model with LoRA or a 1B full fine-tune on one 80 GB GPU at 2k
+    tokens; raise it when memory allows."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed before each optimizer step; effective batch = this x batch size x
+    processes. Typical range: [1, 4096]. Source: common practice: Reaches an effective batch of
+    16 on one GPU; papers report 32-256 (scale this up)."""
+    lr_scheduler_type: str = 'cosine'
+    """Learning-rate schedule after warm-up. One of: linear, cosine, constant,
+    constant_with_warmup. Source: common practice: Cosine decay after a short linear warm-up is
+    the standard fine-tuning schedule."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent linearly warming the learning rate up from 0. Typical
+    range: [0.0, 0.5]. Source: common practice: 3% warm-up is the Alpaca/TRL SFT default; 3-10%
+    is typical."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay, applied to weight matrices only (not biases or norms). Typical
+    range: [0.0, 1.0]. Source: common practice: Fine-tuning recipes (Alpaca, Tulu, TRL) mostly
+    use 0; 0.01-0.1 is also seen."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay. Typical range: [0.0, 0.999]. Source: common practice: PyTorch and
+    transformers AdamW default."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay. Typical range: [0.9, 0.99999]. Source: common practice: PyTorch
+    and transformers AdamW default; 0.95 is common for large-batch pretraining."""
+    adam_epsilon: float = 1e-08
+    """AdamW denominator epsilon. Typical range: [1e-12, 0.0001]. Source: common practice: PyTorch
+    and transformers AdamW default."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping). Typical range: [0.0,
+    1000.0]. Source: common practice: Clipping at 1.0 is the transformers/TRL default and
+    stabilises fine-tuning."""
+
+    # --- Run -----------------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'
+    """auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0: only the final model)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str = ''
+    """'latest' or a checkpoint directory: continue that run exactly."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    report_to: str = ''
+    """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this file, for --help."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {}
+    for node, after in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    docs = field_docstrings(Args)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Args):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default, help=docs.get(f.name, ""))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ==================================================================================================
+# Data: read rows, check them, turn them into token ids
+# ==================================================================================================
+
+
+class DataError(ValueError):
+    """A malformed training row. The message starts with the file and line (or dataset and row)."""
+
+
+def iter_rows(args: Args):
+    """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
+
+    `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    """
+    path = Path(args.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                    yield f"{path}:{line_number}", row
+            return
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects")
+            for index, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {index}: expected a JSON object")
+                yield f"{path} item {index}", row
+            return
+        import datasets  # only needed for Parquet and Hub datasets
+
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for index, row in enumerate(table):
+            yield f"{path} row {index}", row
+        return
+    import datasets
+
+    table = datasets.load_dataset(args.dataset, args.dataset_config or None, split=args.dataset_split)
+    for index, row in enumerate(table):
+        yield f"{args.dataset}[{args.dataset_split}] row {index}", row
+
+
+def column(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (present: {', '.join(sorted(map(str, row))) or 'none'}; map another column with --{name}_column)")
+    return row[name]
+
+
+def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = column(row, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def as_messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A string becomes one message with `role`; a list must already be [{"role": ..., "content": ...}, ...]."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for index, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: field '{name}' item {index}: expected an object with string 'role' and 'content'")
+            messages.append({"role": message["role"], "content": message["content"]})
+        return messages
+    raise DataError(f"{where}: field '{name}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def completion_messages(value, prompt: list[dict], where: str, name: str) -> list[dict]:
+    """A completion is a string or assistant message(s). Datasets such as UltraFeedback repeat the prompt
+    inside the completion's message list; that shared prefix is dropped."""
+    messages = as_messages(value, where, name, role="assistant")
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: field '{name}' must hold the assistant's reply (got roles {[m['role'] for m in messages]})")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return messages
+
+
+class ChatEncoder:
+    """Renders conversations with the tokenizer's own chat template and says which tokens are the model's.
+
+    The assistant's tokens are found by rendering growing prefixes of the conversation: the tokens between
+    the render of messages[:i] (with the generation prompt) and the render of messages[:i+1] are turn i.
+    This needs a template whose render of a prefix is a prefix of the full render; we check it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.ids(prompt, add_generation_prompt=True)
+        full_ids = self.ids(prompt + completion)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+
+    def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
+        ids = self.ids(messages)
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1])
+            if ids[: len(end_ids)] != end_ids:
+                raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
+            labels[start : len(end_ids)] = ids[start : len(end_ids)]
+        return ids, labels
+
+
+def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
+    """Bad rows stop the run with their location, unless --skip_bad_rows true: then they are counted."""
+    if not args.skip_bad_rows:
+        raise error
+    skipped.append(str(error))
+
+
+def encode_row(row: dict, where: str, encoder: ChatEncoder, tokenizer, args: Args) -> dict:
+    """One row -> {"input_ids", "labels", "position_ids"}; labels are -100 where no loss is taken."""
+    messages = as_messages(column(row, args.messages_column, where), where, args.messages_column, role="user")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: conversation has no non-empty assistant message to learn from")
+    input_ids, labels = encoder.conversation(messages, where)
+    return truncate_and_check(input_ids, labels, where, args)
+
+
+def truncate_and_check(input_ids: list[int], labels: list[int], where: str, args: Args) -> dict:
+    input_ids, labels = input_ids[: args.max_length], labels[: args.max_length]
+    # The first token of an example is never predicted (nothing precedes it); masking it keeps packed rows,
+    # where a previous example does precede it, identical to unpacked ones.
+    labels[0] = -100
+    if all(label == -100 for label in labels[1:]):
+        raise DataError(f"{where}: no trained tokens left within max_length={args.max_length} (prompt too long?)")
+    return {"input_ids": input_ids, "labels": labels, "position_ids": list(range(len(input_ids)))}
+
+
+def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    encoder, items, skipped = ChatEncoder(tokenizer), [], []
+    for where, row in iter_rows(args):
+        try:
+            items.append(encode_row(row, where, encoder, tokenizer, args))
+        except DataError as error:
+            keep_or_raise(args, error, skipped)
+    return items, skipped
+
+
+def collate(items: list[dict], tokenizer, args: Args, device: torch.device) -> dict:
+    """Right-pad a micro-batch; teacher and student both read input_ids under attention_mask."""
+    width = max(len(item["input_ids"]) for item in items)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([i["input_ids"] + [pad] * (width - len(i["input_ids"])) for i in items]),
+        "attention_mask": torch.tensor([[1] * len(i["input_ids"]) + [0] * (width - len(i["input_ids"])) for i in items]),
+        "labels": torch.tensor([i["labels"] + [-100] * (width - len(i["labels"])) for i in items]),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    batch["num_items"] = int((batch["labels"][:, 1:] != -100).sum())  # the losses are means over trained tokens
+    return batch
+
+
+# ==================================================================================================
+# Model and tokenizer
+# ==================================================================================================
+
+
+def load_tokenizer(args: Args):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token works; EOS is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
+    """The causal LM (with its PEFT adapters when `trainable`), on this process's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache only helps generation
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower steps for far less activation memory.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ==================================================================================================
+# Teacher and loss
+# ==================================================================================================
+
+
+def load_teacher(args: Args, tokenizer, accelerator: Accelerator):
+    """The frozen teacher, on this process's device.
+
+    Token-level distillation compares the two next-token distributions id by id, so the teacher must use the
+    student's vocabulary: checked here on the tokenizers, before the teacher's weights are downloaded.
+    """
+    teacher_tokenizer = AutoTokenizer.from_pretrained(args.teacher_model)
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(
+            f"error: the teacher {args.teacher_model} ({len(teacher_tokenizer)} tokens) does not share the student's "
+            f"vocabulary ({args.model_name_or_path}, {len(tokenizer)} tokens). Token-level distillation needs one "
+            "tokenizer: pick a teacher of the student's model family, or distil through the teacher's text instead "
+            "(ptcompile distillation-hard)."
+        )
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher_model, dtype=DTYPES[args.teacher_dtype], attn_implementation=args.attn_implementation)
+    if teacher.get_output_embeddings().weight.size(0) < len(tokenizer):
+        raise SystemExit(f"error: the teacher {args.teacher_model} has fewer output logits than its tokenizer has tokens")
+    teacher.config.use_cache = False  # the KV cache only helps generation
+    return teacher.to(accelerator.device).eval().requires_grad_(False)
+
+
+DIVERGENCE = 'forward_kl'
+"""The divergence D this script computes, chosen when compiling (ptcompile ... --set divergence=forward_kl,
+reverse_kl or jsd): kd_loss below contains its code only."""
+
+
+def kl_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_v p(v)·(log p(v) - log q(v)) over the last dimension, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, dict]:
+    """Soft-label distillation mixed with hard-label cross-entropy, summed over the trained tokens t:
+
+        L_sum = α·T²·Σ_t D(p_T^T(·|t), p_S^T(·|t)) + (1 - α)·Σ_t -log p_S(y_t | t),    p^T = softmax(logits / T)
+        D = KL(p_T ‖ p_S)   (forward KL: Hinton et al. 2015, Sec. 2, cross-entropy to soft targets minus
+                             the teacher's entropy, which has no gradient)
+
+    The training loop divides by N, the step's number of trained tokens. Following Hinton et al. (Sec. 2),
+    both distributions of the soft term are taken at temperature T and the term is multiplied by T², which
+    keeps its gradients the same size whatever T; the hard-label term uses the student at T = 1.
+    Deliberate difference from TRL 1.16: its GKD and Distillation trainers have no T² factor and no
+    hard-label term; with alpha = 1 and temperature = 1 this loss is theirs.
+    Logits: [batch, length, vocab]; labels: [batch, length] with -100 where no loss is taken. Returns the
+    summed loss and summed metrics: kd (Σ_t D), ce (Σ_t hard-label cross-entropy) and agreement (number of
+    tokens where the student's most likely token is the teacher's).
+    """
+    mask = labels[:, 1:] != -100  # position t predicts token t + 1
+    student = student_logits[:, :-1][mask].float()  # [N, vocab]: only the trained positions
+    teacher = teacher_logits[:, :-1][mask].float()
+    student_logprobs = F.log_softmax(student / temperature, dim=-1)
+    teacher_logprobs = F.log_softmax(teacher / temperature, dim=-1)
+    divergence = kl_divergence(teacher_logprobs, student_logprobs)
+    cross_entropy = F.cross_entropy(student, labels[:, 1:][mask], reduction="sum")
+    loss = alpha * temperature**2 * divergence.sum() + (1 - alpha) * cross_entropy
+    metrics = {
+        "kd": divergence.detach().sum(),
+        "ce": cross_entropy.detach(),
+        "agreement": (student.argmax(-1) == teacher.argmax(-1)).float().sum(),
+    }
+    return loss, metrics
+
+
+def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
+    """Summed loss of one micro-batch and summed metrics (the loop divides by the step's global token count)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # Models pad their output layer beyond the tokenizer (Qwen2.5-7B: 152064 rows, 0.5B: 151936); the
+    # distributions are compared over the real tokens only.
+    vocab = context["vocab_size"]
+    student_logits = model(**inputs).logits[..., :vocab]
+    with torch.no_grad(), context["accelerator"].autocast():
+        teacher_logits = context["teacher"](**inputs).logits[..., :vocab]
+    return kd_loss(student_logits, teacher_logits, batch["labels"], alpha=args.alpha, temperature=args.temperature)
+
+
+# ==================================================================================================
+# Optimiser and schedule
+# ==================================================================================================
+
+
+def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norm gains hurts fine-tuning."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+
+
+def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
+    """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
+        )
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return per_step, steps_per_epoch, total
+
+
+def step_indices(step: int, num_items: int, per_step: int, steps_per_epoch: int, args: Args, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of item indices) for optimizer step `step`.
+
+    The order is a seeded permutation per epoch, so it depends only on (seed, step): a resumed run sees
+    exactly the items the uninterrupted run would have. Each process takes a contiguous slice of the
+    step's items, so the union over processes is the same global batch whatever the process count.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    items = order[offset * per_step : (offset + 1) * per_step]
+    share = per_step // world
+    mine = items[rank * share : (rank + 1) * share]
+    size = args.per_device_train_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+# ==================================================================================================
+# Checkpoints: atomic saves, exact resume
+# ==================================================================================================
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+
+    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
+    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
+    PEFT that is the adapter, not the frozen base model).
+    """
+    output_dir = Path(args.output_dir)
+    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, temporary / "state.pt")
+        (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)  # rename(2): atomic within one filesystem
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "state.pt").is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+    # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise SystemExit(f"error: {path} does not match this model (unexpected {unexpected[:3]}, missing {sorted(trainable & set(missing))[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ==================================================================================================
+# Training loop
+# ==================================================================================================
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_output_dir(args: Args) -> None:
+    """Never mix two runs in one directory by accident."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SystemExit(
+            f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
+            "to continue that run, --overwrite_output_dir true to write into it anyway, or another --output_dir."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to or None,
+        # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU box) only form a gloo
+        # process group when accelerate is told to use the CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    accelerator.wait_for_everyone()  # every process has checked the output directory before anyone writes to it
+    set_seed(args.seed)  # same seed on every process: identical initial adapter weights and data order
+    output_dir = Path(args.output_dir)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args)
+    items, skipped = build_items(args, tokenizer)
+    say(f"{len(items)} training items from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
+    model = load_model(args, accelerator)
+    if args.divergence != DIVERGENCE:
+        raise SystemExit(f"error: this script computes the {DIVERGENCE} divergence only; compile one for {args.divergence} with ptcompile's --set divergence={args.divergence}")
+    teacher = load_teacher(args, tokenizer, accelerator)
+    context = {"teacher": teacher, "accelerator": accelerator, "vocab_size": len(tokenizer)}
+    optimizer = make_optimizer(model, args, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule is built on the prepared optimiser but not passed to prepare(): accelerate would step it
+    # once per process, and then 1 and N processes would follow different learning-rate curves.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
+    say(
+        f"{total_steps} optimizer steps of {per_step} items "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+    )
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    last_checkpoint = None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        micro_batches = [
+            collate([items[i] for i in indices], tokenizer, args, accelerator.device)
+            for indices in step_indices(step, len(items), per_step, steps_per_epoch, args, accelerator.process_index, accelerator.num_processes)
+        ]
+        # The loss of a step is a sum over all its micro-batches on all processes divided by the global number
+        # of trained tokens, so accumulation and data parallelism give exactly the gradient of one big batch.
+        local_count = sum(batch["num_items"] for batch in micro_batches)
+        global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), reduction="sum").item()
+        sums: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            is_last = index == len(micro_batches) - 1
+            with nullcontext() if is_last else accelerator.no_sync(model):
+                loss_sum, metrics = compute_loss(model, batch, args, context)
+                # DDP averages gradients over processes; multiplying by their number turns that into a sum.
+                accelerator.backward(loss_sum * accelerator.num_processes / global_count)
+            for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+        names = sorted(sums)
+        totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
+        logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
+        if not math.isfinite(logs["loss"]):
+            raise SystemExit(
+                f"error: the loss became {logs['loss']} at step {step + 1}; stopping before the update. "
+                f"Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or check the data."
+            )
+        if args.max_grad_norm > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # honest step times: wait for the GPU to finish
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
+        progress.update(1)
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "kd", "agreement",)})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(logs) + "\n")
+            if args.report_to:
+                accelerator.log(logs, step=step + 1)
+        if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            last_checkpoint = save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+    progress.close()
+    save_final(accelerator, model, tokenizer, args)
+    if args.report_to:
+        accelerator.end_training()
+    say(f"done: {output_dir / 'final'}")
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
+    """The trained weights in Hugging Face format (the full model)."""
+    final_dir = Path(args.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
