@@ -70,6 +70,15 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         model_fields.append(
             RuntimeField("answer_format", "str", recipe.dataset.answer_format, "How the answer column is written: plain, gsm8k ('#### 42') or boxed (\\boxed{42}).")
         )
+    if recipe.family == "preference" and recipe.variant == "step_dpo":
+        model_fields.append(
+            RuntimeField(
+                "initial_steps_column",
+                "str",
+                recipe.dataset.columns.get("initial_steps", ""),
+                "Column holding the correct previous solution steps that open the assistant's reply before the compared step ('' for none: the prompt column already ends where the step starts).",
+            )
+        )
     if recipe.peft is not None and recipe.peft.id in ("lora", "qlora", "dora", "rslora", "adalora"):
         model_fields.append(
             RuntimeField("target_modules", "str", ",".join(recipe.model.lora_target_modules), f"Comma-separated linear layers that get adapters (the '{recipe.model.id}' preset's attention and MLP projections).")
