@@ -16,14 +16,9 @@ import math
 import pytest
 import torch
 
-from conftest import generated_script, load_script_module, mean, read_metrics, run_script, tiny_args, train_tiny, FAST
+from conftest import generated_script, load_script_module, mean, train_tiny
 
 LOG2 = math.log(2)
-
-# method -> (extra flags, loss at step 1 when policy == reference (None: not fixed), checks on the metrics)
-# The test-only β overrides give losses a scale the tiny model can move in 25 steps (the paper's values
-# are for 7B models: NCA/BCO's β = 0.01 makes rewards tiny, SPPO's β = 0.001 asks for ±500-nat log-ratios).
-
 
 def last(metrics, key, n=5):
     return mean(m[key] for m in metrics[-n:])
@@ -118,6 +113,10 @@ def check_rdpo(m):
     check_margin_and_accuracy(m)
 
 
+# method -> (extra flags, loss at step 1 when policy == reference (None: not fixed), checks on the metrics).
+# The test-only β overrides give the losses a scale the tiny model can move in 25 steps (the papers' values
+# are for 7B models: NCA/BCO's β = 0.01 makes rewards tiny, SPPO's β = 0.001 asks for ±500-nat log-ratios,
+# IPO's β = 0.1 asks for a 5-nat per-token margin).
 CASES = {
     "ipo": (["--beta", "0.5"], 1.0, check_ipo),
     "cdpo": ([], LOG2, check_cdpo),
