@@ -84,6 +84,15 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
     if recipe.family == "reward" and recipe.has("use_margin"):
         column = recipe.dataset.columns.get("margin", "margin")
         model_fields.append(RuntimeField("margin_column", "str", column, "Column holding each pair's margin m, a number (read only when use_margin is true)."))
+    if recipe.family == "preference" and recipe.variant == "step_dpo":
+        model_fields.append(
+            RuntimeField(
+                "initial_steps_column",
+                "str",
+                recipe.dataset.columns.get("initial_steps", ""),
+                "Column holding the correct previous solution steps that open the assistant's reply before the compared step ('' for none: the prompt column already ends where the step starts).",
+            )
+        )
     if recipe.peft is not None and recipe.peft.id in ("lora", "qlora", "dora", "rslora", "adalora"):
         model_fields.append(
             RuntimeField("target_modules", "str", ",".join(recipe.model.lora_target_modules), f"Comma-separated linear layers that get adapters (the '{recipe.model.id}' preset's attention and MLP projections).")

@@ -539,8 +539,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
-    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args, loss_state: dict | None = None) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG, and
+    `loss_state`, the running statistics of a stateful loss (e.g. BCO's reward shift), when there is one.
 
     Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
     killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
@@ -559,6 +560,8 @@ def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, sched
         state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
+        if loss_state is not None:
+            state["loss_state"] = dict(loss_state)
         torch.save(state, temporary / "state.pt")
         (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
@@ -586,8 +589,9 @@ def find_checkpoint(args: Args) -> Path:
     return checkpoints[-1]
 
 
-def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, loss_state: dict | None = None) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from. A stateful loss
+    passes its `loss_state` dict, which is updated in place with the saved values."""
     # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     unwrapped = accelerator.unwrap_model(model)
@@ -599,6 +603,10 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sche
     scheduler.load_state_dict(state["scheduler"])
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
+    if loss_state is not None:
+        if "loss_state" not in state:
+            raise SystemExit(f"error: {path} holds no loss state (running statistics); it was not written by this method's script")
+        loss_state.update(state["loss_state"])
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -1,0 +1,768 @@
+"""Odds Ratio Preference Optimization (orpo): a single-file training script compiled by ptcompile.
+
+Paper:
+    - ORPO: Monolithic Preference Optimization without Reference Model (Hong et al., 2024), arXiv 2403.07691 [hong2024orpo]
+
+Objective (Eqs. 4 and 7 (odds and odds-ratio loss, as cited in TRL's code), added to the SFT loss of hong2024orpo):
+    L = E[ -(1/|y_w|)·log π(y_w|x) - λ·log σ( log(odds(y_w|x)/odds(y_l|x)) ) ], odds(y|x) =
+    P(y|x)/(1 - P(y|x)), P(y|x) = exp((1/|y|)·Σ_t log π(y_t|x, y_<t)), λ = beta
+
+Supervised fine-tuning and preference alignment in one stage, starting from the base model and
+without a reference model. The usual NLL loss on the chosen response is joined by a λ-weighted
+log-sigmoid of the log odds ratio between chosen and rejected, which penalises the rejected style
+while the model is still learning the task format.
+
+Model:   Qwen2.5-0.5B (Qwen/Qwen2.5-0.5B), full fine-tuning
+Data:    UltraFeedback binarized (preference split) (HuggingFaceH4/ultrafeedback_binarized, split train_prefs), format "preference"
+Every hyperparameter in `Args` names its source (paper and section, or common practice and why).
+
+Compiled with:
+    ptcompile orpo --model qwen2.5-0.5b
+
+Run:
+    python train_orpo.py --help
+    python train_orpo.py                          # one process: a GPU if there is one, else the CPU
+    accelerate launch train_orpo.py               # data parallel over all GPUs (`accelerate config` for FSDP)
+    python train_orpo.py --resume_from_checkpoint latest   # continue an interrupted run exactly
+
+Requires: torch, transformers>=5, accelerate, datasets.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+
+@dataclass
+class Args:
+    """Every setting of the run. Each field is a command-line flag: --name value (booleans: true/false)."""
+
+    # --- Model and data ------------------------------------------------------------------------------
+    model_name_or_path: str = 'Qwen/Qwen2.5-0.5B'
+    """Hub id or local directory of the model (preset 'qwen2.5-0.5b')."""
+    model_dtype: str = 'float32'
+    """dtype the weights are loaded in: float32, bfloat16 or float16. Full fine-tuning keeps
+    float32 master weights and computes in bf16 through --mixed_precision."""
+    attn_implementation: str = 'sdpa'
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
+    dataset: str = 'HuggingFaceH4/ultrafeedback_binarized'
+    """A local .jsonl / .json / .parquet file or a Hub dataset id (preset
+    'ultrafeedback-binarized')."""
+    dataset_config: str = ''
+    """Hub dataset configuration name ('' for none)."""
+    dataset_split: str = 'train_prefs'
+    """Hub dataset split."""
+    prompt_column: str = 'prompt'
+    """Column holding prompt: a string or a list of messages."""
+    chosen_column: str = 'chosen'
+    """Column holding chosen: the preferred reply (string or assistant messages)."""
+    rejected_column: str = 'rejected'
+    """Column holding rejected: the dispreferred reply."""
+    output_dir: str = 'runs/orpo'
+    """Where checkpoints, metrics.jsonl and the final model go."""
+
+    # --- Method hyperparameters: Odds Ratio Preference Optimization ----------------------------------
+    learning_rate: float = 5e-06
+    """Peak learning rate; higher than DPO's because ORPO also does the SFT work. Typical range:
+    [1e-09, 0.001]. Source: hong2024orpo, Appendix C training details: learning rate 5e-6
+    (official scripts/run_mistral_orpo_beta.sh: --lr 5e-6)."""
+    beta: float = 0.1
+    """Weight λ of the odds-ratio term relative to the SFT loss (TRL and LLaMA-Factory call it
+    beta, Axolotl orpo_alpha). Typical range: [0.0, 10.0]. Source: hong2024orpo, Mistral-ORPO-β
+    setting, lambda = 0.1 (official scripts/run_mistral_orpo_beta.sh: --alpha 0.1; Table 7 per
+    TRL's paper index)."""
+
+    # --- Training defaults of the 'preference' family ------------------------------------------------
+    warmup_ratio: float = 0.1
+    """Fraction of steps in linear warm-up. Typical range: [0.0, 0.5]. Source: common practice:
+    Zephyr and Tulu DPO recipes warm up for 10% of training."""
+    max_length: int = 1024
+    """Maximum tokens of prompt plus completion. Typical range: [16, 1048576]. Source: common
+    practice: 1024 fits most preference datasets (UltraFeedback, HH-RLHF)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this are truncated from the left (keeping the end of the conversation).
+    Typical range: [8, 1048576]. Source: common practice: Half of max_length, as in TRL's DPO
+    examples."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference model's log-probabilities for the whole dataset in one pass before
+    training and free the reference model (saves its memory during training). Source: common
+    practice: Offered by TRL; trades one extra forward pass over the data for a model's worth of
+    memory."""
+
+    # --- Optimisation defaults shared by every method ------------------------------------------------
+    seed: int = 42
+    """Seed for initialisation of new parameters, data order and sampling; the same seed reproduces
+    a run. Typical range: [0, 4294967295]. Source: common practice: Any fixed value; 42 is the
+    transformers/TRL default, kept so runs compare."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0). Typical range: [1, 100]. Source:
+    common practice: Post-training rarely needs more than 1-3 epochs; more overfits small
+    corpora."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for num_train_epochs. Typical range: [-1,
+    100000000]. Source: common practice: Epoch-based by default, as in transformers' Trainer."""
+    per_device_train_batch_size: int = 4
+    """Sequences (or pairs, groups) per device per micro-batch. Typical range: [1, 4096]. Source:
+    common practice: Fits a 7-8B model with LoRA or a 1B full fine-tune on one 80 GB GPU at 2k
+    tokens; raise it when memory allows."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed before each optimizer step; effective batch = this x batch size x
+    processes. Typical range: [1, 4096]. Source: common practice: Reaches an effective batch of
+    16 on one GPU; papers report 32-256 (scale this up)."""
+    lr_scheduler_type: str = 'cosine'
+    """Learning-rate schedule after warm-up. One of: linear, cosine, constant,
+    constant_with_warmup. Source: common practice: Cosine decay after a short linear warm-up is
+    the standard fine-tuning schedule."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay, applied to weight matrices only (not biases or norms). Typical
+    range: [0.0, 1.0]. Source: common practice: Fine-tuning recipes (Alpaca, Tulu, TRL) mostly
+    use 0; 0.01-0.1 is also seen."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay. Typical range: [0.0, 0.999]. Source: common practice: PyTorch and
+    transformers AdamW default."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay. Typical range: [0.9, 0.99999]. Source: common practice: PyTorch
+    and transformers AdamW default; 0.95 is common for large-batch pretraining."""
+    adam_epsilon: float = 1e-08
+    """AdamW denominator epsilon. Typical range: [1e-12, 0.0001]. Source: common practice: PyTorch
+    and transformers AdamW default."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping). Typical range: [0.0,
+    1000.0]. Source: common practice: Clipping at 1.0 is the transformers/TRL default and
+    stabilises fine-tuning."""
+
+    # --- Run -----------------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'
+    """auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0: only the final model)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str = ''
+    """'latest' or a checkpoint directory: continue that run exactly."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    report_to: str = ''
+    """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this file, for --help."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {}
+    for node, after in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    docs = field_docstrings(Args)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Args):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default, help=docs.get(f.name, ""))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ==================================================================================================
+# Data: read rows, check them, turn them into token ids
+# ==================================================================================================
+
+
+class DataError(ValueError):
+    """A malformed training row. The message starts with the file and line (or dataset and row)."""
+
+
+def iter_rows(args: Args):
+    """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
+
+    `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    """
+    path = Path(args.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                    yield f"{path}:{line_number}", row
+            return
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects")
+            for index, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {index}: expected a JSON object")
+                yield f"{path} item {index}", row
+            return
+        import datasets  # only needed for Parquet and Hub datasets
+
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for index, row in enumerate(table):
+            yield f"{path} row {index}", row
+        return
+    import datasets
+
+    table = datasets.load_dataset(args.dataset, args.dataset_config or None, split=args.dataset_split)
+    for index, row in enumerate(table):
+        yield f"{args.dataset}[{args.dataset_split}] row {index}", row
+
+
+def column(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (present: {', '.join(sorted(map(str, row))) or 'none'}; map another column with --{name}_column)")
+    return row[name]
+
+
+def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = column(row, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def as_messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A string becomes one message with `role`; a list must already be [{"role": ..., "content": ...}, ...]."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for index, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: field '{name}' item {index}: expected an object with string 'role' and 'content'")
+            messages.append({"role": message["role"], "content": message["content"]})
+        return messages
+    raise DataError(f"{where}: field '{name}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def completion_messages(value, prompt: list[dict], where: str, name: str) -> list[dict]:
+    """A completion is a string or assistant message(s). Datasets such as UltraFeedback repeat the prompt
+    inside the completion's message list; that shared prefix is dropped."""
+    messages = as_messages(value, where, name, role="assistant")
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: field '{name}' must hold the assistant's reply (got roles {[m['role'] for m in messages]})")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return messages
+
+
+class ChatEncoder:
+    """Renders conversations with the tokenizer's own chat template and says which tokens are the model's.
+
+    The assistant's tokens are found by rendering growing prefixes of the conversation: the tokens between
+    the render of messages[:i] (with the generation prompt) and the render of messages[:i+1] are turn i.
+    This needs a template whose render of a prefix is a prefix of the full render; we check it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.ids(prompt, add_generation_prompt=True)
+        full_ids = self.ids(prompt + completion)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+
+    def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
+        ids = self.ids(messages)
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1])
+            if ids[: len(end_ids)] != end_ids:
+                raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
+            labels[start : len(end_ids)] = ids[start : len(end_ids)]
+        return ids, labels
+
+
+def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
+    """Bad rows stop the run with their location, unless --skip_bad_rows true: then they are counted."""
+    if not args.skip_bad_rows:
+        raise error
+    skipped.append(str(error))
+
+
+def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
+    """One (prompt, chosen, rejected) row -> token ids of the prompt and of each completion."""
+    prompt = as_messages(column(row, args.prompt_column, where), where, args.prompt_column, role="user")
+    chosen = completion_messages(column(row, args.chosen_column, where), prompt, where, args.chosen_column)
+    rejected = completion_messages(column(row, args.rejected_column, where), prompt, where, args.rejected_column)
+    prompt_ids, chosen_ids = encoder.prompt_completion(prompt, chosen, where)
+    _, rejected_ids = encoder.prompt_completion(prompt, rejected, where)
+    # Long prompts lose their beginning (the end of a conversation matters most); completions lose their end.
+    prompt_ids = prompt_ids[-args.max_prompt_length :]
+    room = args.max_length - len(prompt_ids)
+    if room <= 0:
+        raise DataError(f"{where}: prompt of {len(prompt_ids)} tokens leaves no room under max_length={args.max_length}")
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
+
+
+def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    encoder, items, skipped = ChatEncoder(tokenizer), [], []
+    for where, row in iter_rows(args):
+        try:
+            items.append(encode_row(row, where, encoder, args))
+        except DataError as error:
+            keep_or_raise(args, error, skipped)
+    return items, skipped
+
+
+def collate(items: list[dict], tokenizer, args: Args, device: torch.device) -> dict:
+    """Rows 0..n-1 are prompt+chosen, rows n..2n-1 prompt+rejected: one forward pass scores both."""
+    sequences = [i["prompt_ids"] + i["chosen_ids"] for i in items] + [i["prompt_ids"] + i["rejected_ids"] for i in items]
+    starts = [len(i["prompt_ids"]) for i in items] * 2
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]),
+        "completion_mask": torch.tensor([[0] * b + [1] * (len(s) - b) + [0] * (width - len(s)) for s, b in zip(sequences, starts)]),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    batch["num_items"] = len(items)  # the loss is a mean over pairs
+    return batch
+
+
+# ==================================================================================================
+# Model and tokenizer
+# ==================================================================================================
+
+
+def load_tokenizer(args: Args):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token works; EOS is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
+    """The causal LM (with its PEFT adapters when `trainable`), on this process's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache only helps generation
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower steps for far less activation memory.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ==================================================================================================
+# Loss
+# ==================================================================================================
+
+
+def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y|x) summed over each row's completion tokens, and the number of those tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["completion_mask"][:, 1:]
+    token_logps = -F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation: log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2.
+
+    Each branch only ever sees inputs where it is finite, so neither poisons the gradient of the other.
+    """
+    near_zero = x > -math.log(2)
+    upper = torch.where(near_zero, x, torch.full_like(x, -1.0))
+    lower = torch.where(near_zero, torch.full_like(x, -1.0), x)
+    return torch.where(near_zero, torch.log(-torch.expm1(upper)), torch.log1p(-torch.exp(lower)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Odds Ratio Preference Optimization of Hong et al. (2024), per pair: the SFT loss plus λ times the
+    odds-ratio loss of Eqs. 4 and 7,
+
+        P(y|x) = exp( (1/|y|)·Σ_t log π(y_t|x, y_<t) )      odds(y|x) = P(y|x) / (1 - P(y|x))
+        L = NLL(y_w) - λ·log σ( log[odds(y_w|x) / odds(y_l|x)] )
+
+    with λ = beta (TRL's name) and NLL(y_w) = chosen_nll, the chosen response's negative log-likelihood
+    averaged over its tokens, as in the paper's SFT term. Deliberate deviation from TRL's ORPOTrainer (and
+    from the authors' code unless run with --disable_prompt_loss): they average the NLL over all prompt and
+    response tokens of a micro-batch, which also trains on the prompts. log(1 - P) is computed by log1mexp,
+    since 1 - exp(...) underflows for confident tokens. Rewards for logging are λ·log P(y|x) (as in TRL);
+    their order is that of the odds.
+    """
+    chosen_mean = chosen_logps / chosen_tokens.clamp(min=1)
+    rejected_mean = rejected_logps / rejected_tokens.clamp(min=1)
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    losses = chosen_nll - beta * F.logsigmoid(log_odds)
+    return losses, (beta * chosen_mean).detach(), (beta * rejected_mean).detach()
+
+
+def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
+    """Summed loss over the micro-batch's pairs, plus summed metrics (the loop divides by the pair count)."""
+    pairs = batch["num_items"]
+    logps, tokens = completion_logps(model, batch)
+    chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
+    chosen_tokens, rejected_tokens = tokens[:pairs], tokens[pairs:]
+    chosen_nll = -chosen_logps / chosen_tokens.clamp(min=1)  # negative log-likelihood per chosen token, per pair
+    losses, chosen_rewards, rejected_rewards = orpo_loss(chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, chosen_nll, beta=args.beta)
+    metrics = {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
+    }
+    metrics["nll"] = chosen_nll.detach().sum()
+    return losses.sum(), metrics
+
+
+# ==================================================================================================
+# Optimiser and schedule
+# ==================================================================================================
+
+
+def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norm gains hurts fine-tuning."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+
+
+def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
+    """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
+        )
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return per_step, steps_per_epoch, total
+
+
+def step_indices(step: int, num_items: int, per_step: int, steps_per_epoch: int, args: Args, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of item indices) for optimizer step `step`.
+
+    The order is a seeded permutation per epoch, so it depends only on (seed, step): a resumed run sees
+    exactly the items the uninterrupted run would have. Each process takes a contiguous slice of the
+    step's items, so the union over processes is the same global batch whatever the process count.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    items = order[offset * per_step : (offset + 1) * per_step]
+    share = per_step // world
+    mine = items[rank * share : (rank + 1) * share]
+    size = args.per_device_train_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+# ==================================================================================================
+# Checkpoints: atomic saves, exact resume
+# ==================================================================================================
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args, loss_state: dict | None = None) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG, and
+    `loss_state`, the running statistics of a stateful loss (e.g. BCO's reward shift), when there is one.
+
+    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
+    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
+    PEFT that is the adapter, not the frozen base model).
+    """
+    output_dir = Path(args.output_dir)
+    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        if loss_state is not None:
+            state["loss_state"] = dict(loss_state)
+        torch.save(state, temporary / "state.pt")
+        (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)  # rename(2): atomic within one filesystem
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "state.pt").is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, loss_state: dict | None = None) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from. A stateful loss
+    passes its `loss_state` dict, which is updated in place with the saved values."""
+    # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise SystemExit(f"error: {path} does not match this model (unexpected {unexpected[:3]}, missing {sorted(trainable & set(missing))[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if loss_state is not None:
+        if "loss_state" not in state:
+            raise SystemExit(f"error: {path} holds no loss state (running statistics); it was not written by this method's script")
+        loss_state.update(state["loss_state"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ==================================================================================================
+# Training loop
+# ==================================================================================================
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_output_dir(args: Args) -> None:
+    """Never mix two runs in one directory by accident."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SystemExit(
+            f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
+            "to continue that run, --overwrite_output_dir true to write into it anyway, or another --output_dir."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to or None,
+        # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU box) only form a gloo
+        # process group when accelerate is told to use the CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    accelerator.wait_for_everyone()  # every process has checked the output directory before anyone writes to it
+    set_seed(args.seed)  # same seed on every process: identical initial adapter weights and data order
+    output_dir = Path(args.output_dir)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args)
+    items, skipped = build_items(args, tokenizer)
+    say(f"{len(items)} training items from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
+    model = load_model(args, accelerator)
+    if args.precompute_ref_log_probs:
+        say("note: this method uses no reference model; precompute_ref_log_probs has nothing to do")
+    context = {"accelerator": accelerator}  # reference-free: no π_ref is loaded
+    optimizer = make_optimizer(model, args, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule is built on the prepared optimiser but not passed to prepare(): accelerate would step it
+    # once per process, and then 1 and N processes would follow different learning-rate curves.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
+    say(
+        f"{total_steps} optimizer steps of {per_step} items "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+    )
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    last_checkpoint = None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        micro_batches = [
+            collate([items[i] for i in indices], tokenizer, args, accelerator.device)
+            for indices in step_indices(step, len(items), per_step, steps_per_epoch, args, accelerator.process_index, accelerator.num_processes)
+        ]
+        # The loss of a step is a sum over all its micro-batches on all processes divided by the global number
+        # of preference pairs, so accumulation and data parallelism give exactly the gradient of one big batch.
+        local_count = sum(batch["num_items"] for batch in micro_batches)
+        global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), reduction="sum").item()
+        sums: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            is_last = index == len(micro_batches) - 1
+            with nullcontext() if is_last else accelerator.no_sync(model):
+                loss_sum, metrics = compute_loss(model, batch, args, context)
+                # DDP averages gradients over processes; multiplying by their number turns that into a sum.
+                accelerator.backward(loss_sum * accelerator.num_processes / global_count)
+            for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+        names = sorted(sums)
+        totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
+        logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
+        if not math.isfinite(logs["loss"]):
+            raise SystemExit(
+                f"error: the loss became {logs['loss']} at step {step + 1}; stopping before the update. "
+                f"Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or check the data."
+            )
+        if args.max_grad_norm > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # honest step times: wait for the GPU to finish
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
+        progress.update(1)
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rewards/accuracy", "rewards/margin",)})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(logs) + "\n")
+            if args.report_to:
+                accelerator.log(logs, step=step + 1)
+        if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            last_checkpoint = save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+    progress.close()
+    save_final(accelerator, model, tokenizer, args)
+    if args.report_to:
+        accelerator.end_training()
+    say(f"done: {output_dir / 'final'}")
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
+    """The trained weights in Hugging Face format (the full model)."""
+    final_dir = Path(args.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
