@@ -9,6 +9,10 @@ download. Each generator documents what a model can learn from it:
   another, so a policy can raise the chosen log-ratio over the rejected one (reward accuracy -> 1).
 - math: one-digit sums with the answer in the prompt's own words, for verifiable-reward RL and test-time scaling.
 - steps: step-by-step solutions where a step is labelled wrong exactly when it contains an arithmetic error.
+- successor: "What is a plus 1?" with a one-token answer, for RL learning tests. The answer depends on one
+  prompt token, which the tiny model can learn (a + b cannot be learnt in a CPU-test budget); the
+  policy-gradient tests warm-start the model on a noisy version (half the answers random) so sampling is
+  right about half the time while the most likely answer is right, and reward can then visibly rise.
 """
 
 from __future__ import annotations
@@ -114,6 +118,13 @@ def step_rows(n: int = 256, seed: int = 6) -> Iterator[dict[str, Any]]:
         yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
 
 
+def successor_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        a = rng.randint(0, 8)
+        yield {"prompt": f"What is {a} plus 1? Answer with a digit.", "answer": str(a + 1)}
+
+
 GENERATORS = {
     "chat.jsonl": chat_rows,
     "instruction.jsonl": instruction_rows,
@@ -122,6 +133,7 @@ GENERATORS = {
     "unpaired.jsonl": unpaired_rows,
     "math.jsonl": math_rows,
     "steps.jsonl": step_rows,
+    "successor.jsonl": successor_rows,
 }
 
 
