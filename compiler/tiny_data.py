@@ -12,6 +12,10 @@ download. Each generator documents what a model can learn from it:
   wrong step (Math-Shepherd-style reachability labels).
 - arithmetic_steps: two-step sums of small digits where each step's label is its own arithmetic (half the steps
   wrong, independently), so a process reward model learns to check steps within seconds (see below).
+- successor: "What is a plus 1?" with a one-token answer, for RL learning tests. The answer depends on one
+  prompt token, which the tiny model can learn (a + b cannot be learnt in a CPU-test budget); the
+  policy-gradient tests warm-start the model on a noisy version (half the answers random) so sampling is
+  right about half the time while the most likely answer is right, and reward can then visibly rise.
 """
 
 from __future__ import annotations
@@ -141,6 +145,13 @@ def arithmetic_step_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]
         yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
 
 
+def successor_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        a = rng.randint(0, 8)
+        yield {"prompt": f"What is {a} plus 1? Answer with a digit.", "answer": str(a + 1)}
+
+
 GENERATORS = {
     "chat.jsonl": chat_rows,
     "instruction.jsonl": instruction_rows,
@@ -153,6 +164,7 @@ GENERATORS = {
 
 EXTRA_GENERATORS = {
     "arithmetic_steps.jsonl": arithmetic_step_rows,
+    "successor.jsonl": successor_rows,
 }
 """Datasets added after the bundled tokenizer was trained: written like the others, but kept out of corpus() so
 tools/build_tiny_tokenizer.py still rebuilds the shipped tokenizer exactly."""
