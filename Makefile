@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 test-gpu: setup
-	$(BIN)/python -m pytest -m gpu -q
+	$(BIN)/python -m pytest -m gpu -q -rs tests/gpu
 
 site: setup
 	$(BIN)/ptcompile build

@@ -4,6 +4,7 @@
 - generated/README.md           an index of those scripts
 - taxonomy/_schema/*.json       the draft-07 JSON Schemas editors use
 - site/docs/                    the reference site's markdown pages (built output, not checked in)
+- docs/gpu-results.md           the GPU suite's results table from docs/gpu-results.json (compiler/gpu_report.py)
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def build(kb: KnowledgeBase, root: Path | None = None, check: bool = False) -> i
         targets[root / "generated" / name] = text
     for name, text in render_schemas().items():
         targets[kb.root / "_schema" / name] = text
+    if (root / "docs").is_dir():
+        from .gpu_report import gpu_report_files
+
+        targets.update(gpu_report_files(kb, root))  # docs/gpu-results.md lists every method not yet run on a GPU
     stale = [path for path, text in targets.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
     extra = sorted(p for p in (root / "generated").glob("*") if p.is_file() and p not in targets)
     if check:
@@ -74,5 +79,6 @@ def build(kb: KnowledgeBase, root: Path | None = None, check: bool = False) -> i
     from .site_pages import write_site
 
     pages = write_site(kb, root / "site")
-    print(f"generated/: {len(targets) - len(render_schemas())} files ({len(stale)} updated, {len(extra)} removed); site pages: {pages}")
+    scripts = sum(path.parent == root / "generated" for path in targets)
+    print(f"generated/: {scripts} files ({len(stale)} updated, {len(extra)} removed); site pages: {pages}")
     return 0
