@@ -633,12 +633,12 @@ def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, sched
     output_dir = Path(args.output_dir)
     final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
     unwrapped = accelerator.unwrap_model(model)
-    # Every process checks its own copy, so all stop together (data-parallel copies are identical).
+    # Every process checks its own parameters (or shard) and all learn the verdict, so all stop together.
     broken = [name for name, p in unwrapped.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
-    if broken:
+    if accelerator.reduce(torch.tensor(float(len(broken)), device=accelerator.device), reduction="sum").item() > 0:
         raise SystemExit(
-            f"error: parameter {broken[0]} holds NaN/inf values at step {step}; this checkpoint is not saved. "
-            f"Last good checkpoint: {(list_checkpoints(output_dir) or ['none yet'])[-1]}."
+            f"error: parameter {(broken or ['(on another process)'])[0]} holds NaN/inf values at step {step}; this "
+            f"checkpoint is not saved. Last good checkpoint: {(list_checkpoints(output_dir) or ['none yet'])[-1]}."
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -70,8 +70,9 @@ def _kb():
     return KnowledgeBase.load()
 
 
-METHODS = representatives(_kb())
-CASES = [(m, kind) for m in METHODS for kind in BAD_ROWS.get(_kb().methods[m].record.data_format, {"(no bad rows defined for this format)": None})]
+_KB = _kb()
+METHODS = representatives(_KB)
+CASES = [(m, kind) for m in METHODS for kind in BAD_ROWS.get(_KB.methods[m].record.data_format, {"(no bad rows defined for this format)": None})]
 
 
 @functools.lru_cache(maxsize=None)

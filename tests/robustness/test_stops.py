@@ -70,3 +70,15 @@ def test_an_existing_output_directory_is_never_overwritten_unless_asked(kb, tiny
     (tmp_path / "a-file").write_text("x")
     clash = run_script(generated_script("sft"), tiny_args(kb, "sft", tiny) + FAST + ["--max_steps", "1", "--output_dir", str(tmp_path / "a-file")], cwd=tmp_path, check=False)
     assert clash.returncode == 1 and "exists and is a file" in clash.stderr and "Traceback" not in clash.stderr
+
+
+def test_parameters_that_went_non_finite_are_never_checkpointed(kb, tiny, tmp_path):
+    """Adam with epsilon 0 divides 0 by 0 for embedding rows no token of the batch used: the parameters turn
+    NaN while loss and gradient stay finite. The save refuses to write them."""
+    output_dir = tmp_path / "run"
+    args = tiny_args(kb, "sft", tiny) + FAST + ["--max_steps", "3", "--save_steps", "1", "--adam_epsilon", "0", "--output_dir", str(output_dir)]
+    result = run_script(generated_script("sft"), args, cwd=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert "error: parameter model.embed_tokens.weight holds NaN/inf values at step 1; this checkpoint is not saved. Last good checkpoint: none yet." in output, output[-3000:]
+    assert not list(output_dir.glob("checkpoint-*")) and not list(output_dir.glob(".checkpoint-*"))
