@@ -1,7 +1,7 @@
 """Interruption: a training script killed with SIGKILL and started again with --resume_from_checkpoint latest
 continues from its last complete checkpoint and reproduces the uninterrupted run bitwise on CPU (every logged
 value but the wall-clock ones, and the final weights). A kill in the middle of a checkpoint save leaves the
-previous checkpoint as `latest`. The methods come from harness.RESUMABLE_METHODS (add "grpo" there)."""
+previous checkpoint as `latest`. The methods come from harness.RESUMABLE (add "grpo" there: one line)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import FAST, generated_script, run_script, tiny_args
-from harness import HERE, RESUMABLE_METHODS, final_weights, logged_steps, script_env, sigkill, start, trajectory, wait_until
+from harness import HERE, RESUMABLE, RESUMABLE_METHODS, final_weights, logged_steps, script_env, sigkill, start, trajectory, wait_until
 
 STEPS, SAVE_EVERY = 16, 4
 RUN = ["--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY), "--save_total_limit", "2", "--learning_rate", "1e-3"]
 
 
 def flags(kb, method, tiny, output_dir) -> list[str]:
-    return tiny_args(kb, method, tiny) + FAST + RUN + ["--output_dir", str(output_dir)]
+    return tiny_args(kb, method, tiny) + FAST + RUN + list(RESUMABLE[method]) + ["--output_dir", str(output_dir)]
 
 
 @pytest.fixture(scope="module")

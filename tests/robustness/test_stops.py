@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import FAST, generated_script, read_metrics, run_script, tiny_args
-from harness import RESUMABLE_METHODS
+from harness import RESUMABLE, RESUMABLE_METHODS
 
 # The learning rate warms up linearly over 4 steps to a value that blows the weights up. Step 1 has rate 0
 # (a no-op), so there is always a genuinely good checkpoint before the blow-up.
@@ -29,7 +29,7 @@ def stopped(kb, method, tiny, tmp_path, learning_rate, name="run", extra=()) -> 
 
 @pytest.mark.parametrize("method", RESUMABLE_METHODS)
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(kb, tiny, tmp_path, method):
-    output, output_dir = stopped(kb, method, tiny, tmp_path, "1e12")
+    output, output_dir = stopped(kb, method, tiny, tmp_path, "1e12", extra=RESUMABLE[method])
     found = re.search(r"error: the (loss|gradient norm) became (nan|inf|-inf) at step (\d+); stopped before the update\. Last good checkpoint: (\S+)\.", output)
     assert found, output[-3000:]
     bad_step, checkpoint = int(found.group(3)), Path(found.group(4))
@@ -43,7 +43,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(kb, tiny, tmp_
     assert state["step"] == bad_step - 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     # It loads: resuming from it replays the same (deterministic) blow-up at the same step.
-    again, _ = stopped(kb, method, tiny, tmp_path, "1e12", extra=["--resume_from_checkpoint", str(checkpoint)])
+    again, _ = stopped(kb, method, tiny, tmp_path, "1e12", extra=[*RESUMABLE[method], "--resume_from_checkpoint", str(checkpoint)])
     assert f"resumed from {checkpoint} at step {bad_step - 1}" in again, again[-3000:]
     assert f"at step {bad_step}; stopped before the update" in again, again[-3000:]
 
