@@ -37,7 +37,7 @@ chromium:
 	  echo "could not install chromium; the browser test will fail"; }
 
 test-gpu: setup
-	$(BIN)/python -m pytest -m gpu -q
+	$(BIN)/python -m pytest -m gpu -q -rs tests/gpu
 
 site: setup
 	$(BIN)/ptcompile build

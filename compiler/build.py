@@ -5,6 +5,7 @@
 - taxonomy/_schema/*.json       the draft-07 JSON Schemas editors use
 - site/docs/                    the reference site's pages, assets and navigation (built output, not checked in;
                                 `cd site && mkdocs build --strict` turns them into the static site in site/build/)
+- docs/gpu-results.md           the GPU suite's results table from docs/gpu-results.json (compiler/gpu_report.py)
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def build(kb: KnowledgeBase, root: Path | None = None, check: bool = False) -> i
         targets[root / "generated" / name] = text
     for name, text in render_schemas().items():
         targets[kb.root / "_schema" / name] = text
+    if (root / "docs").is_dir():
+        from .gpu_report import gpu_report_files
+
+        targets.update(gpu_report_files(kb, root))  # docs/gpu-results.md lists every method not yet run on a GPU
     stale = [path for path, text in targets.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
     extra = sorted(p for p in (root / "generated").glob("*") if p.is_file() and p not in targets)
     if check:
@@ -76,5 +81,6 @@ def build(kb: KnowledgeBase, root: Path | None = None, check: bool = False) -> i
     from .site_pages import write_site
 
     pages = write_site(kb, root / "site", scripts=scripts)
-    print(f"generated/: {len(targets) - len(render_schemas())} files ({len(stale)} updated, {len(extra)} removed); site pages: {pages}")
+    count = sum(path.parent == root / "generated" for path in targets)
+    print(f"generated/: {count} files ({len(stale)} updated, {len(extra)} removed); site pages: {pages}")
     return 0

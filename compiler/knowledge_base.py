@@ -75,10 +75,19 @@ def _pydantic_problems(exc: ValidationError, doc: YamlDocument, prefix: PathKey)
             if rest and isinstance(record, dict) and head in record:
                 loc, message = loc + (head,), rest
         if error["type"] in ("float_type", "int_type", "string_type", "bool_type") and "input" in error:
-            message += f" (got {type(error['input']).__name__} {error['input']!r})"
+            message += f" (got {type(error['input']).__name__} {_short_repr(error['input'])})"
         full = prefix + loc
         problems.append(Problem(doc.location(full, prefer_key=error["type"] == "extra_forbidden"), format_loc(full), message))
     return problems
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut to `limit` characters: a wrong value may be a 100 kB string or a list of thousands."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deep to show>"
+    return text if len(text) <= limit else text[: limit - 5] + " ...>"
 
 
 def _lookup_data(data: Any, path: PathKey) -> Any:

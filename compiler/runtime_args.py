@@ -146,7 +146,7 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         RuntimeField("save_steps", "int", 500, "Write a checkpoint every N optimizer steps (0: only the final model)."),
         RuntimeField("save_total_limit", "int", 2, "Keep only the newest N checkpoints."),
         RuntimeField("resume_from_checkpoint", "str", "", "'latest' or a checkpoint directory: continue that run exactly."),
-        RuntimeField("overwrite_output_dir", "bool", False, "Allow writing into a non-empty output_dir (otherwise the run refuses)."),
+        RuntimeField("overwrite_output_dir", "bool", False, "Allow writing into a non-empty output_dir (otherwise the run refuses); the previous run's checkpoints and metrics.jsonl there are removed."),
         RuntimeField("skip_bad_rows", "bool", False, "Skip and count malformed rows instead of stopping at the first one."),
         RuntimeField("report_to", "str", "", "Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."),
     ]

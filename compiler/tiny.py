@@ -48,26 +48,33 @@ def config_kwargs(preset: schema.ModelPreset, vocab_size: int | None = None) -> 
     return kwargs
 
 
-def write_model(preset: schema.ModelPreset, directory: Path, seed: int = 0, vocab_from_tokenizer: bool = False) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def model_config(preset: schema.ModelPreset, tokenizer, vocab_from_tokenizer: bool = False):
+    """The transformers config of a random-init model with the preset's shape and the tiny tokenizer's ids."""
+    from transformers import AutoConfig
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for item in (assets_dir() / "tiny").iterdir():
-        if item.is_file() and item.name != "README.md":
-            shutil.copy2(item, directory / item.name)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     model_type = preset.architecture.model_type
     if model_type not in MODEL_TYPES:
         raise ValueError(f"cannot build a random-init '{model_type}' model; supported: {sorted(MODEL_TYPES)}")
     kwargs = config_kwargs(preset, len(tokenizer) if vocab_from_tokenizer else None)
-    config = AutoConfig.for_model(
+    return AutoConfig.for_model(
         model_type,
         **kwargs,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def write_model(preset: schema.ModelPreset, directory: Path, seed: int = 0, vocab_from_tokenizer: bool = False) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for item in (assets_dir() / "tiny").iterdir():
+        if item.is_file() and item.name != "README.md":
+            shutil.copy2(item, directory / item.name)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = model_config(preset, tokenizer, vocab_from_tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

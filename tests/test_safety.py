@@ -36,8 +36,16 @@ HOSTILE = [
 ]
 
 
+COMBINED = " ".join(HOSTILE)
+"""Every hostile string at once: whichever field a template forgets to filter, this text breaks the code."""
+
+
 def hostile_cycle():
     return itertools.cycle(HOSTILE)
+
+
+def hostile_combined():
+    return itertools.repeat(COMBINED)
 
 
 def _text_update(record, fields, strings):
@@ -53,15 +61,34 @@ def _text_update(record, fields, strings):
     return record.model_copy(update=update)
 
 
-def poison(kb, method_id: str, model_id: str, strings) -> object:
-    """A copy of the knowledge base whose method, its papers, the model and the dataset carry hostile text."""
+def _poison_hp(hp, strings):
+    source = hp.source.model_copy(update={"where": next(strings)} if hp.source.where else {"common_practice": next(strings)})
+    update = {"description": next(strings), "source": source}
+    if hp.type == "str":  # values reach code too (through |lit): poison them, bypassing validation
+        update["default"] = next(strings)
+        update["choices"] = None
+    return hp.model_copy(update=update)
+
+
+def poison(kb, method_id: str, model_id: str, strings, peft_id: str | None = None) -> object:
+    """A copy of the knowledge base whose method, its papers, the model, the dataset, the family's and the
+    common training defaults, the category and (when given) the PEFT technique carry hostile text."""
     bad = copy.copy(kb)
     bad.methods, bad.papers, bad.models, bad.datasets = dict(kb.methods), dict(kb.papers), dict(kb.models), dict(kb.datasets)
+    bad.peft, bad.categories = dict(kb.peft), dict(kb.categories)
     method = kb.methods[method_id].record
-    hyperparameters = []
-    for hp in method.hyperparameters:
-        source = hp.source.model_copy(update={"where": next(strings)} if hp.source.where else {"common_practice": next(strings)})
-        hyperparameters.append(hp.model_copy(update={"description": next(strings), "source": source}))
+    hyperparameters = [_poison_hp(hp, strings) for hp in method.hyperparameters]
+    bad.common_training = [Entry(_poison_hp(e.record, strings), e.doc, e.loc) for e in kb.common_training]
+    bad.family_training = dict(kb.family_training)
+    family = method.script.family
+    bad.family_training[family] = [Entry(_poison_hp(e.record, strings), e.doc, e.loc) for e in kb.family_training.get(family, [])]
+    category = _text_update(kb.categories[method.category].record, ["name", "description", "survey_section"], strings)
+    bad.categories[method.category] = Entry(category, kb.categories[method.category].doc, ())
+    if peft_id is not None:
+        technique = kb.peft[peft_id].record
+        technique = _text_update(technique, ["name", "summary", "pitfalls"], strings)
+        technique = technique.model_copy(update={"hyperparameters": [_poison_hp(hp, strings) for hp in technique.hyperparameters]})
+        bad.peft[peft_id] = Entry(technique, kb.peft[peft_id].doc, ())
     objective = _text_update(method.objective, ["latex", "plain", "equation"], strings)
     method = _text_update(method, ["name", "aliases", "summary", "pitfalls", "frameworks"], strings)
     method = method.model_copy(update={"objective": objective, "hyperparameters": hyperparameters})
@@ -69,10 +96,10 @@ def poison(kb, method_id: str, model_id: str, strings) -> object:
     for key in method.papers:
         paper = _text_update(kb.papers[key].record, ["title", "authors", "venue", "summary"], strings)
         bad.papers[key] = Entry(paper, kb.papers[key].doc, ())
-    model = _text_update(kb.models[model_id].record, ["name", "license", "config_source"], strings)
+    model = _text_update(kb.models[model_id].record, ["name", "license", "config_source", "hub_id"], strings)
     bad.models[model_id] = Entry(model, kb.models[model_id].doc, ())
     dataset_id = resolve(kb, method_id, model_id).dataset.id
-    dataset = _text_update(kb.datasets[dataset_id].record, ["name", "license", "description"], strings)
+    dataset = _text_update(kb.datasets[dataset_id].record, ["name", "license", "description", "hub_id", "config", "split", "embedded", "columns"], strings)
     bad.datasets[dataset_id] = Entry(dataset, kb.datasets[dataset_id].doc, ())
     return bad
 
@@ -92,18 +119,30 @@ def cases(kb):
     return [(m, kb.methods[m].record.default_model) for m in sorted(kb.methods)] + [("dpo", "tiny"), ("dpo", "llama3-8b")]
 
 
+def assert_immune(kb, method_id: str, model_id: str, peft: str | None) -> None:
+    clean = render_script(resolve(kb, method_id, model_id, peft))
+    for strings in (hostile_cycle(), hostile_combined()):
+        bad_kb = poison(kb, method_id, model_id, strings, peft)
+        hostile = render_script(resolve(bad_kb, method_id, model_id, peft))
+        assert hostile != clean, "the hostile strings did not reach the script"
+        assert shape(hostile) == shape(clean), f"{method_id} x {model_id} ({peft}): hostile text changed the code"
+        for line in hostile.splitlines():
+            assert "\u2028" not in line and "\u2029" not in line and "\x00" not in line and "\u202e" not in line
+
+
 def test_every_method_script_is_immune_to_hostile_text(kb):
+    """Every family's template (each method's script), in full fine-tuning and with LoRA."""
     for method_id, model_id in cases(kb):
         for peft in (None, "lora"):
             if peft and peft not in kb.peft:
                 continue
-            clean = render_script(resolve(kb, method_id, model_id, peft))
-            bad_kb = poison(kb, method_id, model_id, hostile_cycle())
-            hostile = render_script(resolve(bad_kb, method_id, model_id, peft))
-            assert hostile != clean, "the hostile strings did not reach the script"
-            assert shape(hostile) == shape(clean), f"{method_id} x {model_id} ({peft}): hostile text changed the code"
-            for line in hostile.splitlines():
-                assert "\u2028" not in line and "\u2029" not in line and "\x00" not in line and "\u202e" not in line
+            assert_immune(kb, method_id, model_id, peft)
+
+
+def test_every_peft_template_is_immune_to_hostile_text(kb):
+    """Every PEFT technique's template, with its own text and hyperparameters poisoned as well."""
+    for peft in sorted(kb.peft):
+        assert_immune(kb, "dpo", "tiny", peft)
 
 
 @pytest.mark.parametrize("text", HOSTILE)
