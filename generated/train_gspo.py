@@ -1232,7 +1232,9 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(args)
     items, skipped = build_items(args, tokenizer)
-    say(f"{len(items)} prompts from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    say(f"{len(items)} training items (prompts) from {args.dataset}" + (f"; skipped {len(skipped)} bad rows (--skip_bad_rows true)" if skipped else ""))
+    for reason in skipped[:3]:
+        say(f"  skipped {reason}")
     # One rollout round = steps_per_generation optimizer steps' worth of prompts (each step: batch x accumulation x processes).
     per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     per_round = per_update * args.steps_per_generation
@@ -1255,13 +1257,13 @@ def main(argv: list[str] | None = None) -> None:
         num_training_steps=total_steps * updates_per_step,
     )
     vllm = VLLMGenerator(args, accelerator) if args.use_vllm else None
-    start_step = 0
+    start_step, last_checkpoint = 0, None
     if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(args)
-        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
-        say(f"resumed from {checkpoint} at step {start_step}")
+        last_checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(last_checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {last_checkpoint} at step {start_step}")
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(args, start_step)
     if args.report_to:
         accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
     say(
@@ -1272,7 +1274,6 @@ def main(argv: list[str] | None = None) -> None:
 
     model.train()
     progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="rl")
-    last_checkpoint = None
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         if vllm is not None:
@@ -1309,19 +1310,19 @@ def main(argv: list[str] | None = None) -> None:
                 names = sorted(sums)
                 totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
                 this_update = {name: value / max(global_count, 1.0) for name, value in zip(names, totals.tolist())}
-                if not math.isfinite(this_update["loss"]):
-                    raise SystemExit(
-                        f"error: the loss became {this_update['loss']} at step {step + 1}; stopping before the update. "
-                        f"Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or check the rewards."
-                    )
+                stop_if_not_finite("loss", this_update["loss"], step, last_checkpoint)
                 if args.max_grad_norm > 0:
                     this_update["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                    stop_if_not_finite("gradient norm", this_update["grad_norm"], step, last_checkpoint)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 for name, value in this_update.items():
                     update_logs[name] = update_logs.get(name, 0.0) + value / updates_per_step
         logs.update(update_logs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # honest step times: wait for the GPU to finish
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
         logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
         progress.update(1)
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:

@@ -398,8 +398,8 @@ def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
 
 
 def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
-    """Encode every row. Pairs longer than max_length are dropped (and reported), never truncated: the
-    reward is read at the response's last token, which truncation would cut off."""
+    """Encode every row. A pair longer than max_length is an error (or, with --skip_bad_rows true, a counted
+    skip), never truncated: the reward is read at the response's last token, which truncation would cut off."""
     encoder, items, skipped = ChatEncoder(tokenizer), [], []
     for where, row in iter_rows(args, skipped):
         try:
@@ -409,7 +409,8 @@ def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
             continue
         longest = max(len(item["chosen_ids"]), len(item["rejected_ids"]))
         if longest > args.max_length:
-            skipped.append(f"{where}: {longest} tokens > max_length={args.max_length}, pair dropped")
+            error = DataError(f"{where}: the pair needs {longest} tokens, which leaves no room under max_length={args.max_length} (reward pairs are never truncated: raise --max_length or shorten the row)")
+            keep_or_raise(args, error, skipped)
             continue
         items.append(item)
     return items, skipped

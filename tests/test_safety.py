@@ -64,9 +64,11 @@ def _text_update(record, fields, strings):
 def _poison_hp(hp, strings):
     source = hp.source.model_copy(update={"where": next(strings)} if hp.source.where else {"common_practice": next(strings)})
     update = {"description": next(strings), "source": source}
-    if hp.type == "str":  # values reach code too (through |lit): poison them, bypassing validation
+    # Free-text values reach code too (through |lit): poison them, bypassing validation. A value with `choices`
+    # is a compile-time switch that schema.check_value holds to its list (for the YAML default and --set): it
+    # stays valid here, or the template could not pick its code at all.
+    if hp.type == "str" and not hp.choices:
         update["default"] = next(strings)
-        update["choices"] = None
     return hp.model_copy(update=update)
 
 

@@ -152,14 +152,16 @@ def test_bad_rows_are_located_and_long_pairs_dropped(kb, tiny, tmp_path):
     args = tiny_args(kb, "reward-model", tiny) + ["--dataset", str(data), "--use_margin", "true", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]
     result = run_script(generated_script("reward-model"), args, cwd=tmp_path, check=False)
     assert result.returncode != 0 and f"{data}:3: field 'margin' must be a finite number" in result.stderr, result.stderr[-2000:]
-    # Pairs over max_length are dropped and reported, never truncated (the reward is read at the last token).
+    # A pair over max_length is never truncated (the reward is read at the last token): an error naming the
+    # row, or with --skip_bad_rows true a counted skip.
     long_rows = [dict(row, margin=1.0) for row in rows]
     long_rows[5]["chosen"] = "The cat is kind. " * 40
     data.write_text("".join(json.dumps(row) + "\n" for row in long_rows))
     args = tiny_args(kb, "reward-model", tiny) + ["--dataset", str(data), "--max_length", "64", "--output_dir", str(tmp_path / "out2"), "--max_steps", "1"]
-    result = run_script(generated_script("reward-model"), args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "39 training items" in result.stdout and f"{data}:6:" in result.stdout and "pair dropped" in result.stdout, result.stdout
+    result = run_script(generated_script("reward-model"), args, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and f"{data}:6: the pair needs" in result.stderr and "max_length=64" in result.stderr, result.stderr[-2000:]
+    result = run_script(generated_script("reward-model"), args + ["--skip_bad_rows", "true"], cwd=tmp_path)
+    assert "39 training items" in result.stdout and "skipped 1 bad rows" in result.stdout and f"{data}:6:" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("peft", ["prompt-tuning", "prefix-tuning", "p-tuning-v2"])
