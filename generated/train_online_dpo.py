@@ -110,6 +110,12 @@ class Args:
     no preference. One of: math, math_format, code, model, judge. Source: common practice: TRL
     1.16's OnlineDPOTrainer ranks pairs with reward models or reward functions; Guo et al.
     prompt an LLM annotator for a pairwise choice, which is what the rlaif script does."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a completion that reaches max_new_tokens without an
+    end-of-sequence token (0 turns it off); a scorer that only sees the text would otherwise
+    reward an answer that never ends. Typical range: [0.0, 100.0]. Source: common practice:
+    TRL's missing_eos_penalty (off by default in TRL 1.16's OnlineDPOConfig); the papers do not
+    use one."""
     temperature: float = 0.9
     """Sampling temperature of the two completions; too low makes the pair identical. Typical
     range: [0.1, 2.0]. Source: common practice: TRL 1.16 OnlineDPOConfig default."""
@@ -906,6 +912,8 @@ def make_pairs(model, tokenizer, items: list[dict], indices: list[int], step: in
     )
     n = len(indices)
     scores = judge([items[i]["prompt"] for i in indices] * 2, rollout.texts, [items[i]["answer"] for i in indices] * 2)
+    # A completion cut off at max_new_tokens loses missing_eos_penalty: the judge only sees its text.
+    scores = [s - args.missing_eos_penalty * cut for s, cut in zip(scores, rollout.truncated)]
     pairs = []
     for j in range(n):
         first, second = scores[j], scores[n + j]

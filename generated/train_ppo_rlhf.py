@@ -132,6 +132,12 @@ class Args:
     LLM judge (judge). One of: math, math_format, code, model, judge. Source:
     ouyang2022training, Sec. 3.5: the policy is fine-tuned with PPO against the trained reward
     model."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a completion that reaches max_completion_length without an
+    end-of-sequence token (0 turns it off); a scorer that only sees the text would otherwise
+    reward an answer that never ends. Typical range: [0.0, 100.0]. Source: common practice:
+    TRL's online trainers offer missing_eos_penalty, off by default (OnlineDPOConfig in TRL
+    1.16); InstructGPT does not describe one."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts. Typical range: [0.1, 2.0]. Source: ouyang2022training,
     App. C.4: 'the sampling temperature is 1 for rollouts'."""
@@ -1177,6 +1183,8 @@ def collect_rollouts(model, reference, tokenizer, items: list[dict], indices: li
             temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_completion_length, accelerator=accelerator, vllm=vllm,
         )
         scores = score([items[i]["prompt"] for i in chunk], sampled.texts, [items[i]["answer"] for i in chunk])
+        # A completion cut off at max_completion_length loses missing_eos_penalty: the scorer only sees its text.
+        scores = [s - args.missing_eos_penalty * cut for s, cut in zip(scores, sampled.truncated)]
         batch = sequence_batch(sampled.prompt_ids, sampled.completion_ids, tokenizer.pad_token_id, accelerator.device)
         with accelerator.autocast():
             old_logps, old_values = logps_and_values(policy, batch, args.temperature)

@@ -777,7 +777,8 @@ def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.T
         "rewards/first": (chosen_rewards * weight).sum(),
         "rewards/second": (rejected_rewards * weight).sum(),
         "rewards/margin": ((chosen_rewards - rejected_rewards) * weight).sum(),
-        "rewards/accuracy": ((chosen_rewards > rejected_rewards).float() * weight).sum(),
+        # Agreement: the implicit reward orders the pair the way the soft label leans.
+        "rewards/accuracy": (((chosen_rewards > rejected_rewards) == (batch["preference"] > 0.5)).float() * weight).sum(),
         "logps/first": (chosen_logps.detach() * weight).sum(),
         "logps/second": (rejected_logps.detach() * weight).sum(),
     }
@@ -807,10 +808,10 @@ class AILabeller:
     """
 
     def __init__(self, args: Args, accelerator: Accelerator):
-        self.tokenizer = AutoTokenizer.from_pretrained(args.judge_model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(args.judge_model_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation)
+        self.model = AutoModelForCausalLM.from_pretrained(args.judge_model, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation)
         self.model = self.model.to(accelerator.device).eval().requires_grad_(False)
         self.labels = []
         for label in ("1", "2"):
