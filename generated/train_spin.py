@@ -1041,33 +1041,57 @@ def main(argv: list[str] | None = None) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     if args.report_to:
         accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
-    if args.resume_from_checkpoint:
-        raise SystemExit("error: resuming a round-based run is not supported yet; start it again")
+    # A resumed run replays the rounds: rounds that ended before the checkpoint are skipped, the round holding
+    # it reuses the pairs saved when it started (output_dir/rounds/), and the checkpoint supplies the weights.
+    checkpoint = find_checkpoint(args) if args.resume_from_checkpoint else None
+    resume_step = int(torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)["step"]) if checkpoint else 0
+    rounds_dir = output_dir / "rounds"
     step = 0
-    progress = tqdm(disable=not accelerator.is_local_main_process, desc="train")
+    progress = tqdm(initial=resume_step, disable=not accelerator.is_local_main_process, desc="train")
     for round_index in range(args.num_rounds):
         started = time.perf_counter()
-        if vllm is not None:
-            vllm.load_weights(model, accelerator)
-        pairs, stats = build_round_pairs(model, tokenizer, items, round_index, args, accelerator, vllm)
-        round_logs = {"round": round_index + 1, "round_pairs": len(pairs), "round_seconds": time.perf_counter() - started, **stats}
-        say(f"round {round_index + 1}: {len(pairs)} pairs " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
-        if accelerator.is_main_process:
-            with (output_dir / "rounds.jsonl").open("a") as handle:
-                handle.write(json.dumps(round_logs) + "\n")
+        saved = rounds_dir / f"round-{round_index + 1}.json"
+        if checkpoint is not None and step == resume_step:
+            # The checkpoint was written at this round's start: its weights are M_t, which writes the pairs.
+            load_checkpoint(checkpoint, accelerator, model, optimizer, get_scheduler("constant", optimizer))
+            say(f"resumed from {checkpoint} at step {resume_step} (start of round {round_index + 1})")
+            checkpoint = None
+        if checkpoint is not None and saved.is_file():
+            pairs = json.loads(saved.read_text())
+        elif checkpoint is not None and round_index > 0:
+            raise SystemExit(f"error: {saved} is missing; a run resumed after round 1 needs the pairs its rounds started with")
+        else:
+            if vllm is not None:
+                vllm.load_weights(model, accelerator)
+            pairs, stats = build_round_pairs(model, tokenizer, items, round_index, args, accelerator, vllm)
+            round_logs = {"round": round_index + 1, "round_pairs": len(pairs), "round_seconds": time.perf_counter() - started, **stats}
+            say(f"round {round_index + 1}: {len(pairs)} pairs " + json.dumps({k: round(v, 4) for k, v in stats.items()}))
+            if accelerator.is_main_process:
+                rounds_dir.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(pairs))  # with the reference log-probs: what a resumed run needs
+                with (output_dir / "rounds.jsonl").open("a") as handle:
+                    handle.write(json.dumps(round_logs) + "\n")
         try:
             per_step, steps_per_epoch, round_steps = plan_steps(len(pairs), args, accelerator.num_processes)
         except ValueError as error:
             say(f"round {round_index + 1}: no training ({error}); stopping")
             break
+        if checkpoint is not None and step + round_steps <= resume_step:
+            step += round_steps  # this round ended before the checkpoint
+            continue
         # Each round is its own optimisation run from M_t (as in the papers): fresh optimiser state and schedule.
         optimizer.state.clear()
         for group in optimizer.param_groups:
             group["lr"] = args.learning_rate
             group.pop("initial_lr", None)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * round_steps), num_training_steps=round_steps)
+        first = 0
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+            say(f"resumed from {checkpoint} at step {resume_step} (round {round_index + 1}, step {resume_step - step + 1})")
+            first, step, checkpoint = resume_step - step, resume_step, None
         model.train()
-        for round_step in range(round_steps):
+        for round_step in range(first, round_steps):
             started = time.perf_counter()
             micro_batches = [
                 collate_pairs([pairs[i] for i in indices], tokenizer.pad_token_id, accelerator.device)
@@ -1076,8 +1100,9 @@ def main(argv: list[str] | None = None) -> None:
             logs = optimizer_step(model, optimizer, scheduler, micro_batches, args, accelerator, context)
             step += 1
             logs.update(step=step, round=round_index + 1, round_step=round_step + 1, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
-            write_metrics(logs, step, progress, accelerator, args, last=round_index + 1 == args.num_rounds and round_step + 1 == round_steps)
-            if args.save_steps > 0 and step % args.save_steps == 0:
+            last = round_index + 1 == args.num_rounds and round_step + 1 == round_steps
+            write_metrics(logs, step, progress, accelerator, args, last=last)
+            if args.save_steps > 0 and step % args.save_steps == 0 and not last:
                 save_checkpoint(step, accelerator, model, optimizer, scheduler, args)
     progress.close()
     save_final(accelerator, model, tokenizer, args)

@@ -106,58 +106,40 @@ def self_judge_examples(seed: int = 2, n: int = 512) -> list[tuple[list[dict], s
     return examples
 
 
-def train_reward_model(tiny: Path, out: Path, steps: int = 250, lr: float = 3e-3, seed: int = 0) -> Path:
-    """A Bradley-Terry reward model on the bundled preference data, saved as a scorer directory in the
-    reward-model scripts' contract: AutoModelForSequenceClassification (score read at the last non-pad
-    token) + tokenizer + ptcompile_scorer.json with kind "reward".
-
-    Besides polite > rude, every polite reply is also preferred to degenerate variants of itself: cut off
-    ("The cat is", ""), words shuffled or repeated ("is is is kind"), or followed by junk. A reward model that
-    never saw such text scores it at random, and PPO or online DPO find that out within a few steps (reward
-    hacking); the online tests also penalise completions without an end-of-sequence token."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if (out / "ptcompile_scorer.json").is_file():
-        return out
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
-    model = AutoModelForSequenceClassification.from_pretrained(tiny / "model", num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    rows = [json.loads(line) for line in (tiny / "data" / "preference.jsonl").read_text().splitlines()]
-
-    def text(prompt, reply: str) -> str:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}], tokenize=False)
-
+def hardened_preference_rows(tiny: Path, seed: int = 0) -> list[dict]:
+    """The bundled preference rows (polite > rude) plus, for each, the polite reply preferred to a degenerate
+    variant of itself: cut off ("The cat is", ""), words shuffled or repeated ("is is is kind"), or followed by
+    junk. A reward model that never saw such text scores it at random, and PPO or online DPO find that out
+    within a few steps (reward hacking); the online tests also penalise completions without an EOS token."""
     rng = random.Random(seed)
-    chosen, rejected = [], []
-    for r in rows:
-        words = r["chosen"].split()
+    rows = []
+    for line in (tiny / "data" / "preference.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        words = row["chosen"].split()
         degenerate = [
             " ".join(words[: rng.randint(0, len(words) - 1)]),  # cut off
             " ".join(rng.sample(words, len(words))),  # shuffled
             " ".join(rng.choice(words) for _ in range(rng.randint(1, 8))),  # word salad
-            r["chosen"] + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 4))),  # trailing junk
+            row["chosen"] + " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 4))),  # trailing junk
         ]
-        for worse in (r["rejected"], rng.choice(degenerate)):
-            chosen.append(text(r["prompt"], r["chosen"]))
-            rejected.append(text(r["prompt"], worse))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    tokenizer.padding_side = "right"
-    for _ in range(steps):
-        index = torch.randperm(len(chosen), generator=generator)[:64].tolist()
-        encoded = tokenizer([chosen[i] for i in index] + [rejected[i] for i in index], padding=True, return_tensors="pt", add_special_tokens=False)
-        scores = model(**encoded).logits[:, 0]
-        loss = -F.logsigmoid(scores[: len(index)] - scores[len(index) :]).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "ptcompile_scorer.json").write_text(json.dumps({"kind": "reward"}))
-    return out
+        rows.append(row)
+        rows.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rng.choice(degenerate) or "."})
+    return rows
+
+
+def train_reward_model(kb, tiny: Path, workdir: Path) -> Path:
+    """A Bradley-Terry reward model trained by the generated reward-model script (h-rm's family) on
+    hardened_preference_rows; returns its final/ directory, a scorer in the ptcompile_scorer.json contract
+    that the PPO and online-DPO scripts load (polite replies score about +5, rude or degenerate ones -5)."""
+    from conftest import train_tiny
+
+    if (workdir / "reward-model" / "final" / "ptcompile_scorer.json").is_file():
+        return workdir / "reward-model" / "final"
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "hardened-preference.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in hardened_preference_rows(tiny)))
+    train_tiny(kb, "reward-model", tiny, workdir, ["--dataset", str(data), "--max_steps", "120", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16"], name="reward-model")
+    return workdir / "reward-model" / "final"
 
 
 @torch.no_grad()

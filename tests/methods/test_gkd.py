@@ -49,3 +49,20 @@ def test_gkd_accumulation_and_data_parallel_equal_one_big_batch(kb, tiny, tmp_pa
             assert a["on_policy"] == b["on_policy"]
             for key in ("loss", "completion_length"):
                 assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, big, run)
+
+
+def test_gkd_resume_continues_exactly(kb, tiny, tmp_path, teacher):
+    """Stopped after its step-3 checkpoint and resumed, a run makes the same on-policy choices and losses."""
+    import shutil
+
+    from conftest import FAST, generated_script, read_metrics, run_script, tiny_args
+
+    flags = tiny_args(kb, "gkd", tiny) + FAST + ["--teacher_model", str(teacher), "--lmbda", "0.5", "--max_new_tokens", "12", "--learning_rate", "3e-3", "--max_steps", "6"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_script(generated_script("gkd"), flags + ["--output_dir", str(whole)], cwd=tmp_path)
+    run_script(generated_script("gkd"), flags + ["--output_dir", str(resumed), "--save_steps", "3"], cwd=tmp_path)
+    shutil.rmtree(resumed / "final")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (resumed / "metrics.jsonl").read_text().splitlines()[:3]))
+    run_script(generated_script("gkd"), flags + ["--output_dir", str(resumed), "--save_steps", "3", "--resume_from_checkpoint", "latest"], cwd=tmp_path)
+    for key in ("loss", "on_policy"):
+        assert [m[key] for m in read_metrics(resumed)] == pytest.approx([m[key] for m in read_metrics(whole)], rel=1e-6, abs=1e-7), key

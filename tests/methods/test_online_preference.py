@@ -4,9 +4,10 @@ accumulation and two data-parallel processes give the same run.
 
 Setup (tests/online_helpers.py): the "polite" task. The warm-started policy answers "Describe the cat." with
 "The cat is <adjective>.", the adjective drawn uniformly from polite and rude ones (polite about half the
-time). The judges: a tiny reward model (online-dpo), a tiny LLM labeller trained on the RLAIF labelling task
-(rlaif), the policy itself trained on judge data as in Yuan et al.'s EFT set (iterative-dpo). SPIN needs no
-judge: it learns from the bundled chat data against its own generations.
+time). The judges: a tiny reward model trained by the generated reward-model script (online-dpo), a tiny
+LLM labeller trained on the RLAIF labelling task (rlaif), the policy itself trained on judge data as in Yuan
+et al.'s EFT set (iterative-dpo). SPIN needs no judge: it learns from the bundled chat data against its own
+generations.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def policy(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reward_model(tiny, tmp_path_factory):
-    return train_reward_model(tiny, cached(tmp_path_factory, "reward-model"))
+def reward_model(kb, tiny, tmp_path_factory):
+    return train_reward_model(kb, tiny, cached(tmp_path_factory, "reward-model"))
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +53,11 @@ def prompts64(tiny, tmp_path_factory):
 
 
 def test_online_dpo_raises_the_annotators_score(kb, tiny, tmp_path, policy, reward_model):
-    extra = polite_args(policy, tiny) + ["--reward_model_path", str(reward_model), "--max_new_tokens", "10", "--missing_eos_penalty", "5", "--learning_rate", "1e-3", "--max_steps", "30"]
+    extra = polite_args(policy, tiny) + ["--reward_model_path", str(reward_model), "--max_new_tokens", "10", "--missing_eos_penalty", "5", "--learning_rate", "5e-4", "--max_steps", "30"]
     metrics = train_tiny(kb, "online-dpo", tiny, tmp_path, extra)
     scores = [m["score"] for m in metrics]
     assert len(scores) == 30
-    assert mean(scores[-5:]) > mean(scores[:5]) + 1.5, scores  # reward-model scores: polite +5, rude -5
+    assert mean(scores[-5:]) > mean(scores[:5]) + 1.5, scores  # reward-model scores: polite +6, rude or degenerate -6
     print("online-dpo score", [round(x, 2) for x in scores])
     assert polite_fraction(tmp_path / "run" / "final") >= polite_fraction(policy) + 0.2
 
@@ -140,3 +141,37 @@ def test_accumulation_and_data_parallel_equal_one_big_batch(kb, tiny, tmp_path, 
         for a, b in zip(big, run):
             for key in keys:
                 assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (key, big, run)
+
+
+@pytest.mark.parametrize("method", ["online-dpo", "spin"])
+def test_resume_continues_exactly(kb, tiny, tmp_path, policy, reward_model, chat_warm, method):
+    """A run stopped after a checkpoint and resumed gives the uninterrupted run's losses. For SPIN (2 rounds of
+    4 steps, checkpoints at steps 3 and 6) this is checked from inside round 2 (the round's saved pairs are
+    reused) and from inside round 1 after losing round 2's pairs (they are written again by the resumed run)."""
+    import shutil
+
+    from conftest import FAST, read_metrics, run_script, tiny_args
+    from conftest import generated_script as script_of
+
+    if method == "online-dpo":
+        flags = polite_args(policy, tiny) + ["--reward_model_path", str(reward_model), "--max_new_tokens", "10", "--learning_rate", "1e-3", "--max_steps", "6"]
+    else:
+        flags = ["--model_name_or_path", str(chat_warm), "--max_new_tokens", "12", "--learning_rate", "1e-3", "--num_rounds", "2", "--max_steps", "4"]
+    flags = tiny_args(kb, method, tiny) + FAST + flags
+    script = script_of(method)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_script(script, flags + ["--output_dir", str(whole)], cwd=tmp_path)
+    expected = [m["loss"] for m in read_metrics(whole)]
+    run_script(script, flags + ["--output_dir", str(resumed), "--save_steps", "3"], cwd=tmp_path)
+    checkpoints = sorted(p.name for p in resumed.glob("checkpoint-*"))
+    for stop in ([6, 3] if method == "spin" else [3]):
+        assert f"checkpoint-{stop}" in checkpoints
+        shutil.rmtree(resumed / "final")
+        for later in resumed.glob("checkpoint-*"):
+            if int(later.name.split("-")[1]) > stop:
+                shutil.rmtree(later)
+        if method == "spin" and stop == 3:
+            (resumed / "rounds" / "round-2.json").unlink()  # lost with the crash: round 2 had not started
+        (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (resumed / "metrics.jsonl").read_text().splitlines()[:stop]))
+        run_script(script, flags + ["--output_dir", str(resumed), "--save_steps", "3", "--resume_from_checkpoint", "latest"], cwd=tmp_path)
+        assert [m["loss"] for m in read_metrics(resumed)] == pytest.approx(expected, rel=1e-6, abs=1e-7)

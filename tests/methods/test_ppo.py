@@ -2,8 +2,9 @@
 "polite" task, and one big minibatch, gradient accumulation and two data-parallel processes give the same run.
 
 Setup (tests/online_helpers.py): the tiny model warm-started to describe an animal with an adjective drawn
-uniformly from polite and rude ones, and a tiny Bradley-Terry reward model trained on the bundled preference
-data (polite > rude, scores about +4.5 and -4.4) written in the reward-model scripts' scorer format.
+uniformly from polite and rude ones, and a tiny Bradley-Terry reward model trained by the generated
+reward-model script on the bundled preference data hardened with degenerate rejected replies (polite about
++6, rude or degenerate about -6); PPO loads it through its ptcompile_scorer.json, the RLHF pipeline end to end.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ def policy(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reward_model(tiny, tmp_path_factory):
-    return train_reward_model(tiny, cached(tmp_path_factory, "reward-model"))
+def reward_model(kb, tiny, tmp_path_factory):
+    return train_reward_model(kb, tiny, cached(tmp_path_factory, "reward-model"))
 
 
 def ppo_args(policy, tiny, reward_model) -> list[str]:
@@ -52,3 +53,21 @@ def test_ppo_accumulation_and_data_parallel_equal_one_big_batch(kb, tiny, tmp_pa
         for a, b in zip(big, run):
             for key in ("score", "kl", "loss", "loss/value", "clipfrac"):
                 assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (key, big, run)
+
+
+def test_ppo_resume_continues_exactly(kb, tiny, tmp_path, policy, reward_model):
+    """Stopped after its iteration-2 checkpoint and resumed, a run gives the uninterrupted run's numbers: the
+    value head, optimiser and schedule come back with the policy, and rollouts are seeded by iteration."""
+    import shutil
+
+    from conftest import FAST, generated_script, read_metrics, run_script, tiny_args
+
+    flags = tiny_args(kb, "ppo-rlhf", tiny) + FAST + ppo_args(policy, tiny, reward_model) + ["--max_steps", "4"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_script(generated_script("ppo-rlhf"), flags + ["--output_dir", str(whole)], cwd=tmp_path)
+    run_script(generated_script("ppo-rlhf"), flags + ["--output_dir", str(resumed), "--save_steps", "2"], cwd=tmp_path)
+    shutil.rmtree(resumed / "final")
+    (resumed / "metrics.jsonl").write_text("".join(line + "\n" for line in (resumed / "metrics.jsonl").read_text().splitlines()[:2]))
+    run_script(generated_script("ppo-rlhf"), flags + ["--output_dir", str(resumed), "--save_steps", "2", "--resume_from_checkpoint", "latest"], cwd=tmp_path)
+    for key in ("score", "loss", "loss/value"):
+        assert [m[key] for m in read_metrics(resumed)] == pytest.approx([m[key] for m in read_metrics(whole)], rel=1e-6, abs=1e-7), key
