@@ -38,11 +38,11 @@ class RuntimeField:
     doc: str
 
 
-ROLLOUT_FAMILIES = {"policy-gradient"}
+ROLLOUT_FAMILIES = {"policy-gradient", "ppo", "online-preference", "gkd"}
 """Families whose scripts include templates/common/rollout.py.j2 (generation with the policy); they get the
 rollout run fields below. A family that starts including the partial adds itself here."""
 
-REWARD_FAMILIES = {"policy-gradient"}
+REWARD_FAMILIES = {"policy-gradient", "ppo", "online-preference"}
 """Families whose scripts include templates/common/rewards.py.j2; they get the fields of their reward source
 (the recipe's `reward` hyperparameter)."""
 
@@ -74,6 +74,37 @@ def reward_fields(recipe: Recipe) -> list[RuntimeField]:
     if kind == "judge":
         return [RuntimeField("judge_model_path", "str", "Qwen/Qwen2.5-7B-Instruct", "Hub id or directory of the instruction-tuned causal LM that judges completions.")]
     return []
+
+
+JUDGE_TEMPLATES = {
+    # Lee et al. (2023) prompt an LLM labeller with the context and both candidates and read its probabilities
+    # of '1' and '2'; the script appends "Preferred response=" to the labeller's reply before reading them.
+    "rlaif": (
+        "A user wrote the conversation below, and an assistant could reply with either of two responses. "
+        "Judge which response is more helpful, accurate, coherent and harmless.\n\n"
+        "Conversation:\n{prompt}\n\nResponse 1:\n{first}\n\nResponse 2:\n{second}\n\n"
+        "Which response is better? Answer 1 or 2."
+    ),
+    # Yuan et al. (2024), Fig. 2: an additive 5-point rubric whose verdict ends with 'Score: <points>'.
+    "self_rewarding": (
+        "Evaluate the response to the user's question with an additive 5-point score. Add 1 point if the "
+        "response is relevant and offers some information on the question, even if incomplete. Add a 2nd point "
+        "if it covers a substantial part of the question without fully answering it. Add a 3rd point if it "
+        "usefully answers the basic elements of the question. Add a 4th point if it is written from an AI "
+        "assistant's perspective, addresses the question directly and completely, and is well organised. Add a "
+        "5th point if it is tailored to the question with no extraneous content and shows expert knowledge.\n\n"
+        "Question: {prompt}\n\nResponse: {response}\n\n"
+        "Justify your total in at most 100 words, then end with the line 'Score: <total points>'."
+    ),
+}
+
+
+def online_preference_fields(recipe: Recipe) -> list[RuntimeField]:
+    """The labelling prompt of the online-preference variants whose judge is an LLM reading a template."""
+    if recipe.family != "online-preference" or recipe.variant not in JUDGE_TEMPLATES:
+        return []
+    placeholders = "{prompt}, {first} and {second}" if recipe.variant == "rlaif" else "{prompt} and {response}"
+    return [RuntimeField("judge_template", "str", JUDGE_TEMPLATES[recipe.variant], f"The judge's instructions, with {placeholders} filled in; sent as a user message (edit it to fit your task).")]
 
 
 def dataset_location(recipe: Recipe) -> tuple[str, str, str]:
@@ -137,6 +168,7 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         )
     if recipe.family in REWARD_FAMILIES:
         model_fields += reward_fields(recipe)
+    model_fields += online_preference_fields(recipe)
     model_fields.append(RuntimeField("output_dir", "str", f"runs/{recipe.method.id}", "Where checkpoints, metrics.jsonl and the final model go."))
 
     run_fields = [

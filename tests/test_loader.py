@@ -33,9 +33,9 @@ def line_of(path: Path, needle: str) -> int:
     raise AssertionError(needle)
 
 
-def load_problems(taxonomy: Path) -> list[str]:
+def load_problems(taxonomy: Path, templates: Path | None = None) -> list[str]:
     with pytest.raises(TaxonomyError) as info:
-        KnowledgeBase.load(taxonomy, templates_dir())
+        KnowledgeBase.load(taxonomy, templates or templates_dir())
     return [str(p) for p in info.value.problems]
 
 
@@ -73,12 +73,15 @@ def test_cross_reference_problems_are_all_reported_in_one_run(taxonomy):
     edit(dpo, "papers: [rafailov2023direct]", "papers: [rafailov2023directt]")
     edit(dpo, "derived_from: []", "derived_from: [sft]")
     edit(sft, "derived_from: []", "derived_from: [dpo, nosuchmethod]")  # a cycle and an unknown parent
-    edit(sft, "script: {family: sft, variant: sft}", "script: {family: ppo, variant: sft}")  # no template
+    edit(sft, "script: {family: sft, variant: sft}", "script: {family: ppo, variant: sft}")  # no template (removed below)
     edit(dpo, "category: preference-optimization", "category: preference-optimisation")
     categories = taxonomy / "categories.yaml"
     edit(categories, "  - id: peft\n", "  - id: distillation\n")  # duplicate id
+    templates = taxonomy.parent / "templates"
+    shutil.copytree(templates_dir(), templates)
+    shutil.rmtree(templates / "ppo")  # every family has a template now; take one away
 
-    problems = load_problems(taxonomy)
+    problems = load_problems(taxonomy, templates)
     text = "\n".join(problems)
     expected = [
         rf"methods/dpo\.yaml:{line_of(dpo, 'papers: [')}:\d+: papers\[0\]: unknown paper key 'rafailov2023directt'; did you mean 'rafailov2023direct'",

@@ -1,0 +1,1037 @@
+"""Generalized Knowledge Distillation (on-policy) (gkd): a single-file training script compiled by ptcompile.
+
+Papers:
+    - On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes (Agarwal et al., 2023), arXiv 2306.13649 [agarwal2023onpolicy]
+    - Distilling the Knowledge in a Neural Network (Hinton et al., 2015), arXiv 1503.02531 [hinton2015distilling]
+
+Objective (Eq. 1 (generalised JSD) and Algorithm 1 (student-data fraction λ, token-level divergence) of agarwal2023onpolicy):
+    with probability λ: y ~ p_S(·|x) (student sample, no gradient through sampling), else y from the
+    dataset; L = (1/|y|)·Σ_n JSD_β( p_T(·|y_<n,x) ‖ p_S(·|y_<n,x) ), JSD_β(P‖Q) = β·KL(P ‖ M) +
+    (1−β)·KL(Q ‖ M), M = β·P + (1−β)·Q (P = teacher, Q = student; β = 0 is taken as forward KL(P‖Q),
+    β = 1 as reverse KL(Q‖P))
+
+Distils a teacher into a student on sequences the student itself generates, so the student learns to
+recover from its own mistakes instead of only imitating teacher-forced data. With probability lmbda
+a batch is made of student samples (otherwise the dataset's own responses are used), and at every
+position of those sequences the student's next-token distribution is pulled towards the teacher's
+under a generalised Jensen-Shannon divergence whose beta interpolates between forward and reverse
+KL. Gradients do not flow through the sampling.
+
+Model:   Qwen2.5-0.5B-Instruct (Qwen/Qwen2.5-0.5B-Instruct), full fine-tuning
+Data:    UltraChat 200k (SFT split) (HuggingFaceH4/ultrachat_200k, split train_sft), format "chat"
+Every hyperparameter in `Args` names its source (paper and section, or common practice and why).
+
+Compiled with:
+    ptcompile gkd --model qwen2.5-0.5b-instruct
+
+Run:
+    python train_gkd.py --help
+    python train_gkd.py                          # one process: a GPU if there is one, else the CPU
+    accelerate launch train_gkd.py               # data parallel over all GPUs (`accelerate config` for FSDP)
+    python train_gkd.py --resume_from_checkpoint latest   # continue an interrupted run exactly
+
+Requires: torch, transformers>=5, accelerate, datasets.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+import re
+from fractions import Fraction
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Args:
+    """Every setting of the run. Each field is a command-line flag: --name value (booleans: true/false)."""
+
+    # --- Model and data ------------------------------------------------------------------------------
+    model_name_or_path: str = 'Qwen/Qwen2.5-0.5B-Instruct'
+    """Hub id or local directory of the model (preset 'qwen2.5-0.5b-instruct')."""
+    model_dtype: str = 'float32'
+    """dtype the weights are loaded in: float32, bfloat16 or float16. Full fine-tuning keeps
+    float32 master weights and computes in bf16 through --mixed_precision."""
+    attn_implementation: str = 'sdpa'
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
+    dataset: str = 'HuggingFaceH4/ultrachat_200k'
+    """A local .jsonl / .json / .parquet file or a Hub dataset id (preset 'ultrachat-200k')."""
+    dataset_config: str = ''
+    """Hub dataset configuration name ('' for none)."""
+    dataset_split: str = 'train_sft'
+    """Hub dataset split."""
+    messages_column: str = 'messages'
+    """Column holding messages: list of {role, content} messages; loss on the assistant turns."""
+    output_dir: str = 'runs/gkd'
+    """Where checkpoints, metrics.jsonl and the final model go."""
+
+    # --- Method hyperparameters: Generalized Knowledge Distillation (on-policy) ----------------------
+    lmbda: float = 0.5
+    """Student-data fraction λ, the probability that a batch is made of student-generated sequences
+    instead of dataset responses. Typical range: [0.0, 1.0]. Source: common practice: TRL 1.16
+    GKDConfig default; the paper sweeps λ, and its ablations favour mostly on-policy data."""
+    beta: float = 0.5
+    """Interpolation β of the generalised JSD; 0 gives forward KL (mode-covering), 1 reverse KL
+    (mode-seeking). Typical range: [0.0, 1.0]. Source: common practice: TRL 1.16 GKDConfig
+    default (the symmetric JSD); the paper finds the best divergence task-dependent."""
+    temperature: float = 0.9
+    """Sampling temperature of the student's (and, with seq_kd, the teacher's) sequences; the
+    divergence itself compares the unscaled (temperature 1) distributions. Typical range: [0.1,
+    2.0]. Source: common practice: TRL 1.16 GKDConfig default; TRL's GKDTrainer.compute_loss
+    also leaves the divergence at temperature 1."""
+    max_new_tokens: int = 128
+    """Maximum tokens per student-generated sequence. Typical range: [8, 32768]. Source: common
+    practice: TRL 1.16 GKDConfig default."""
+    teacher_model: str = 'Qwen/Qwen2.5-1.5B-Instruct'
+    """Hub id or local directory of the frozen teacher; it must share the student's tokenizer and
+    vocabulary (the script checks the vocabulary size), so pass a larger model of the student's
+    own family when the student is not the default Qwen2.5-0.5B-Instruct. Source: common
+    practice: A larger model of the default student's family (Qwen2.5) guarantees an identical
+    vocabulary."""
+    seq_kd: bool = False
+    """When a step is not on-policy, replace the dataset responses by sequences the teacher samples
+    (sequence-level KD data); the same divergence is applied to them. Source: common practice:
+    TRL 1.16 GKDConfig default."""
+
+    # --- Training defaults of the 'gkd' family -------------------------------------------------------
+    learning_rate: float = 1e-05
+    """Peak learning rate of the student. Typical range: [1e-09, 0.01]. Source: common practice:
+    Distillation fine-tunes use SFT-scale rates."""
+    max_prompt_length: int = 512
+    """Prompts longer than this are truncated from the left. Typical range: [8, 1048576]. Source:
+    common practice: Half of a 1024-token budget."""
+
+    # --- Optimisation defaults shared by every method ------------------------------------------------
+    seed: int = 42
+    """Seed for initialisation of new parameters, data order and sampling; the same seed reproduces
+    a run. Typical range: [0, 4294967295]. Source: common practice: Any fixed value; 42 is the
+    transformers/TRL default, kept so runs compare."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0). Typical range: [1, 100]. Source:
+    common practice: Post-training rarely needs more than 1-3 epochs; more overfits small
+    corpora."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for num_train_epochs. Typical range: [-1,
+    100000000]. Source: common practice: Epoch-based by default, as in transformers' Trainer."""
+    per_device_train_batch_size: int = 4
+    """Sequences (or pairs, groups) per device per micro-batch. Typical range: [1, 4096]. Source:
+    common practice: Fits a 7-8B model with LoRA or a 1B full fine-tune on one 80 GB GPU at 2k
+    tokens; raise it when memory allows."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed before each optimizer step; effective batch = this x batch size x
+    processes. Typical range: [1, 4096]. Source: common practice: Reaches an effective batch of
+    16 on one GPU; papers report 32-256 (scale this up)."""
+    lr_scheduler_type: str = 'cosine'
+    """Learning-rate schedule after warm-up. One of: linear, cosine, constant,
+    constant_with_warmup. Source: common practice: Cosine decay after a short linear warm-up is
+    the standard fine-tuning schedule."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent linearly warming the learning rate up from 0. Typical
+    range: [0.0, 0.5]. Source: common practice: 3% warm-up is the Alpaca/TRL SFT default; 3-10%
+    is typical."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay, applied to weight matrices only (not biases or norms). Typical
+    range: [0.0, 1.0]. Source: common practice: Fine-tuning recipes (Alpaca, Tulu, TRL) mostly
+    use 0; 0.01-0.1 is also seen."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay. Typical range: [0.0, 0.999]. Source: common practice: PyTorch and
+    transformers AdamW default."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay. Typical range: [0.9, 0.99999]. Source: common practice: PyTorch
+    and transformers AdamW default; 0.95 is common for large-batch pretraining."""
+    adam_epsilon: float = 1e-08
+    """AdamW denominator epsilon. Typical range: [1e-12, 0.0001]. Source: common practice: PyTorch
+    and transformers AdamW default."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping). Typical range: [0.0,
+    1000.0]. Source: common practice: Clipping at 1.0 is the transformers/TRL default and
+    stabilises fine-tuning."""
+
+    # --- Run -----------------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'
+    """auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0: only the final model)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str = ''
+    """'latest' or a checkpoint directory: continue that run exactly."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    report_to: str = ''
+    """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+    use_vllm: bool = False
+    """Generate with vLLM (must be installed; one engine per GPU, weights copied in before each
+    generation) instead of transformers' generate."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of each GPU's memory vLLM may take for its weights and KV cache (--use_vllm true)."""
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this file, for --help."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {}
+    for node, after in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    docs = field_docstrings(Args)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Args):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default, help=docs.get(f.name, ""))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ==================================================================================================
+# Data: read rows, check them, turn them into token ids
+# ==================================================================================================
+
+
+class DataError(ValueError):
+    """A malformed training row. The message starts with the file and line (or dataset and row)."""
+
+
+def iter_rows(args: Args):
+    """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
+
+    `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    """
+    path = Path(args.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                    yield f"{path}:{line_number}", row
+            return
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects")
+            for index, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {index}: expected a JSON object")
+                yield f"{path} item {index}", row
+            return
+        import datasets  # only needed for Parquet and Hub datasets
+
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for index, row in enumerate(table):
+            yield f"{path} row {index}", row
+        return
+    import datasets
+
+    table = datasets.load_dataset(args.dataset, args.dataset_config or None, split=args.dataset_split)
+    for index, row in enumerate(table):
+        yield f"{args.dataset}[{args.dataset_split}] row {index}", row
+
+
+def column(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (present: {', '.join(sorted(map(str, row))) or 'none'}; map another column with --{name}_column)")
+    return row[name]
+
+
+def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = column(row, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def as_messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A string becomes one message with `role`; a list must already be [{"role": ..., "content": ...}, ...]."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for index, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: field '{name}' item {index}: expected an object with string 'role' and 'content'")
+            messages.append({"role": message["role"], "content": message["content"]})
+        return messages
+    raise DataError(f"{where}: field '{name}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def completion_messages(value, prompt: list[dict], where: str, name: str) -> list[dict]:
+    """A completion is a string or assistant message(s). Datasets such as UltraFeedback repeat the prompt
+    inside the completion's message list; that shared prefix is dropped."""
+    messages = as_messages(value, where, name, role="assistant")
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: field '{name}' must hold the assistant's reply (got roles {[m['role'] for m in messages]})")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return messages
+
+
+class ChatEncoder:
+    """Renders conversations with the tokenizer's own chat template and says which tokens are the model's.
+
+    The assistant's tokens are found by rendering growing prefixes of the conversation: the tokens between
+    the render of messages[:i] (with the generation prompt) and the render of messages[:i+1] are turn i.
+    This needs a template whose render of a prefix is a prefix of the full render; we check it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.ids(prompt, add_generation_prompt=True)
+        full_ids = self.ids(prompt + completion)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+
+    def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
+        ids = self.ids(messages)
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1])
+            if ids[: len(end_ids)] != end_ids:
+                raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
+            labels[start : len(end_ids)] = ids[start : len(end_ids)]
+        return ids, labels
+
+
+def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
+    """Bad rows stop the run with their location, unless --skip_bad_rows true: then they are counted."""
+    if not args.skip_bad_rows:
+        raise error
+    skipped.append(str(error))
+
+
+def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
+    """One conversation -> the prompt (every message before the last assistant turn) and that turn's tokens,
+    the dataset response used when a step is not on-policy."""
+    messages = as_messages(column(row, args.messages_column, where), where, args.messages_column, role="user")
+    last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=0)
+    if last == 0 or not messages[last]["content"].strip():
+        raise DataError(f"{where}: the conversation needs at least one message before a non-empty assistant reply")
+    prompt_ids, response_ids = encoder.prompt_completion(messages[:last], [messages[last]], where)
+    if len(prompt_ids) > args.max_prompt_length:
+        prompt_ids = prompt_ids[-args.max_prompt_length :]  # keep the end of a long conversation
+    return {"prompt_ids": prompt_ids, "response_ids": response_ids}
+
+
+def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    encoder, items, skipped = ChatEncoder(tokenizer), [], []
+    for where, row in iter_rows(args):
+        try:
+            items.append(encode_row(row, where, encoder, args))
+        except DataError as error:
+            keep_or_raise(args, error, skipped)
+    return items, skipped
+
+
+# ==================================================================================================
+# Model and tokenizer
+# ==================================================================================================
+
+
+def load_tokenizer(args: Args):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token works; EOS is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
+    """The causal LM (with its PEFT adapters when `trainable`), on this process's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache only helps generation
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower steps for far less activation memory.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ==================================================================================================
+# Rollouts: sample completions with the policy, mark their ends, score their tokens
+# ==================================================================================================
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left (generation appends on the right), and their attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    return ids, mask
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return ids, mask
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(*parts: int) -> int:
+    """A 64-bit seed that depends only on `parts` (e.g. run seed, step, global completion index).
+
+    Folds the parts through the splitmix64 finaliser. Every completion gets its own random stream named by
+    where it sits in the run, not by which process or batch generates it: one process or eight, any batch
+    size, an interrupted and resumed run, all sample exactly the same completions.
+    """
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers with full avalanche (the 'lowbias32' constants of Wellons' hash prospector)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] uniform numbers in (0, 1), a pure function of (row seed, position, token id).
+
+    A counter-based generator: nothing is stateful, so the numbers a completion sees never depend on the
+    other rows of the batch. `seeds` holds one 64-bit seed per row, split into two 32-bit keys.
+    """
+    key_low, key_high = seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF
+    row = _hash32(_hash32(key_low ^ _hash32(torch.full_like(key_low, position))) ^ key_high)
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    bits = _hash32(_hash32(row[:, None] ^ tokens[None, :]) ^ key_low[:, None])
+    return (bits.double() + 0.5) / 4294967296.0
+
+
+class SeededSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling from softmax(logits / temperature), nucleus-truncated.
+
+    Gumbel-max: argmax_v(logit_v / T + g_v) with g_v = -log(-log u_v), u_v ~ U(0, 1) i.i.d., is a draw from
+    softmax(logit / T). Tokens outside the top-p nucleus get -inf first, so the draw is from the renormalised
+    nucleus, as with top-p sampling. The u_v come from counter_uniform, keyed by each row's seed.
+    """
+
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.seeds, self.prompt_width, self.temperature, self.top_p = seeds, prompt_width, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p (always >= 1 token).
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+            drop_sorted = before >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        uniform = counter_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(scores.dtype)
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one row per requested prompt (in the order given)."""
+
+    prompt_ids: list[list[int]]
+    """Each row's prompt tokens (unpadded)."""
+    completion_ids: list[list[int]]
+    """Each row's completion tokens up to and including its first end-of-sequence token; nothing after it."""
+    truncated: list[bool]
+    """True where generation hit max_new_tokens before any end-of-sequence token."""
+    texts: list[str]
+    """Each completion decoded without special tokens (what rewards and judges read)."""
+
+
+def end_of_sequence_ids(tokenizer, model) -> set[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def cut_at_end(rows: list[list[int]], eos_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """Keep each row up to and including its first EOS. Rows without one are flagged as truncated."""
+    kept, truncated = [], []
+    for row in rows:
+        end = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        kept.append(row if end is None else row[: end + 1])
+        truncated.append(end is None)
+    return kept, truncated
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    seeds: list[int],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    greedy: bool = False,
+    accelerator: Accelerator,
+    vllm=None,
+) -> Rollout:
+    """Generate one completion per entry of `prompts` (token lists), batched with left padding.
+
+    `seeds[i]` names row i's random stream (see stream_seed); with greedy=True the most likely token is
+    taken at every step and the seeds are unused. With a VLLMGenerator the same seeds go to vLLM's
+    per-request sampler instead (vLLM draws differently from transformers, so runs are reproducible with
+    either engine, not across the two).
+    """
+    eos_ids = end_of_sequence_ids(tokenizer, accelerator.unwrap_model(model))
+    if vllm is not None:
+        rows = vllm.generate(prompts, seeds, temperature, top_p, max_new_tokens, greedy)
+    else:
+        policy = accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, accelerator.device)
+        config = GenerationConfig(
+            do_sample=False,  # sampling happens in SeededSampler; argmax of (logits/T + Gumbel noise) is a sample
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            # Neutralise anything the model's own generation_config.json would add (Qwen ships a repetition penalty):
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
+        processors = LogitsProcessorList()
+        if not greedy:
+            seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], dtype=torch.long, device=accelerator.device)
+            processors.append(SeededSampler(seed_tensor, ids.shape[1], temperature, top_p))
+        with accelerator.autocast():
+            output = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+        rows = output[:, ids.shape[1] :].tolist()
+        policy.train(was_training)
+    completions, truncated = cut_at_end(rows, eos_ids)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=completions, truncated=truncated, texts=texts)
+
+
+def sequence_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device: torch.device) -> dict:
+    """Rows of prompt + completion, right-padded (positions start at 0, as in an unpadded forward pass).
+
+    `logp_index[i, t]` is where completion token t of row i is predicted in the shifted logits, and
+    `completion_mask[i, t]` is 1 on the completion's real tokens (its EOS included), 0 on padding.
+    """
+    ids, mask = right_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id, device)
+    width = max(len(c) for c in completion_ids)
+    last = ids.shape[1] - 2
+    index = [[min(len(p) - 1 + t, last) for t in range(width)] for p in prompt_ids]
+    completion_mask = [[1] * len(c) + [0] * (width - len(c)) for c in completion_ids]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "logp_index": torch.tensor(index, device=device),
+        "completion_mask": torch.tensor(completion_mask, device=device, dtype=torch.float32),
+    }
+
+
+def completion_token_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    """[rows, completion tokens] log π(o_t | q, o_<t) at the sampling temperature; 0 on padding.
+
+    Dividing the logits by the temperature scores the tokens under the distribution they were drawn from.
+    Gradients flow unless called under torch.no_grad().
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float() / temperature
+    token_logps = -F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return token_logps.gather(1, batch["logp_index"]) * batch["completion_mask"]
+
+
+@torch.no_grad()
+def score_tokens(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, temperature: float, pad_id: int, accelerator: Accelerator, batch_size: int) -> list[list[float]]:
+    """Per-token log-probs of many completions under `model`, in chunks of `batch_size` rows, as lists."""
+    results = []
+    for start in range(0, len(prompt_ids), batch_size):
+        completions = completion_ids[start : start + batch_size]
+        batch = sequence_batch(prompt_ids[start : start + batch_size], completions, pad_id, accelerator.device)
+        with accelerator.autocast():
+            logps = completion_token_logps(model, batch, temperature)
+        results += [row[: len(c)] for row, c in zip(logps.tolist(), completions)]
+    return results
+
+
+@torch.no_grad()
+def reference_scores(model, reference, prompt_ids, completion_ids, *, temperature: float, pad_id: int, accelerator: Accelerator, batch_size: int) -> list[list[float]]:
+    """Per-token log π_ref of the completions (see score_tokens)."""
+    return score_tokens(reference, prompt_ids, completion_ids, temperature=temperature, pad_id=pad_id, accelerator=accelerator, batch_size=batch_size)
+
+
+class VLLMGenerator:
+    """Optional fast generation with vLLM, colocated on each process's GPU (--use_vllm true).
+
+    The engine holds its own copy of the weights; load_weights() copies the policy's current weights into
+    it before each generation (with a LoRA-style adapter: merged for the copy, then unmerged). Not tested
+    by ptcompile's CPU test suite; the transformers path above is the reference behaviour.
+    """
+
+    def __init__(self, args: Args, accelerator: Accelerator):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise SystemExit("error: --use_vllm true needs the vllm package (pip install vllm); or run with --use_vllm false") from None
+        self.sampling_params = SamplingParams
+        self.llm = LLM(
+            model=args.model_name_or_path,
+            dtype="bfloat16" if args.model_dtype == "float32" else args.model_dtype,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            seed=args.seed,
+            # Each process drives its own engine on its own GPU.
+            distributed_executor_backend="external_launcher" if accelerator.num_processes > 1 else None,
+        )
+
+    def load_weights(self, model, accelerator: Accelerator) -> None:
+        policy = accelerator.unwrap_model(model)
+        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(policy.state_dict().items())
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], temperature: float, top_p: float, max_new_tokens: int, greedy: bool) -> list[list[int]]:
+        params = [
+            self.sampling_params(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens, seed=seed % (2**63))
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+# ==================================================================================================
+# Loss
+# ==================================================================================================
+
+
+def completion_logits(model, batch: dict) -> torch.Tensor:
+    """[rows, completion tokens, vocab]: the logits that predict each completion token (temperature 1)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    index = batch["logp_index"].unsqueeze(-1).expand(-1, -1, logits.size(-1))
+    return logits.gather(1, index)
+
+
+def disable_dropout(model) -> None:
+    """Switch dropout off: the log-probabilities computed when sampling and when updating must come from the
+    same function (TRL's online trainers do the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Token-level generalised JSD, Eq. 1 of Agarwal et al. (2024), with P = teacher and Q = student:
+
+        JSD_β(P‖Q) = β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M),   M = β·P + (1 − β)·Q
+
+    summed over the vocabulary; logits [..., V] -> divergences [...]. At the end points the formula is 0 for
+    every pair of distributions, so, like TRL's GKDTrainer, β = 0 is taken as the forward KL(P‖Q) and β = 1 as
+    the reverse KL(Q‖P) (the limits of JSD_β/β and JSD_β/(1−β)). Computed in float32 from log-softmaxes.
+    """
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    if beta == 0.0:
+        return (teacher.exp() * (teacher - student)).sum(-1)
+    if beta == 1.0:
+        return (student.exp() * (student - teacher)).sum(-1)
+    mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1.0 - beta)]), dim=0)
+    kl_teacher = (teacher.exp() * (teacher - mixture)).sum(-1)
+    kl_student = (student.exp() * (student - mixture)).sum(-1)
+    return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+def gkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """The sequence divergence of Agarwal et al. (2024), Sec. 3, summed over the micro-batch's sequences:
+
+        D(p_T‖p_S)(y|x) = (1/|y|)·Σ_n JSD_β( p_T(·|y_<n, x) ‖ p_S(·|y_<n, x) )
+
+    The training loop divides the sum by the number of sequences in the optimizer step, so the loss is the
+    paper's mean over sequences of per-token means (TRL instead takes one mean over all tokens of the batch;
+    the two agree when all completions have the same length). Logits are already aligned with the predicted
+    tokens: [B, T, V]; mask [B, T] marks completion tokens.
+    """
+    per_token = generalized_jsd(student_logits, teacher_logits, beta) * mask
+    return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+
+
+def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
+    """Summed sequence divergences of the micro-batch (the loop divides by the step's global sequence count)."""
+    mask = batch["completion_mask"]
+    student_logits = completion_logits(model, batch)
+    with torch.no_grad(), context["accelerator"].autocast():
+        teacher_logits = completion_logits(context["teacher"], batch)
+    loss_sum = gkd_loss(student_logits, teacher_logits, mask, beta=args.beta)
+    return loss_sum, {"completion_length": mask.sum()}
+
+
+# ==================================================================================================
+# Optimiser and schedule
+# ==================================================================================================
+
+
+def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norm gains hurts fine-tuning."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+
+
+def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
+    """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
+        )
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return per_step, steps_per_epoch, total
+
+
+def step_indices(step: int, num_items: int, per_step: int, steps_per_epoch: int, args: Args, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of item indices) for optimizer step `step`.
+
+    The order is a seeded permutation per epoch, so it depends only on (seed, step): a resumed run sees
+    exactly the items the uninterrupted run would have. Each process takes a contiguous slice of the
+    step's items, so the union over processes is the same global batch whatever the process count.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    items = order[offset * per_step : (offset + 1) * per_step]
+    share = per_step // world
+    mine = items[rank * share : (rank + 1) * share]
+    size = args.per_device_train_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+# ==================================================================================================
+# Checkpoints: atomic saves, exact resume
+# ==================================================================================================
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+
+    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
+    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
+    PEFT that is the adapter, not the frozen base model).
+    """
+    output_dir = Path(args.output_dir)
+    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, temporary / "state.pt")
+        (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)  # rename(2): atomic within one filesystem
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "state.pt").is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+    # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise SystemExit(f"error: {path} does not match this model (unexpected {unexpected[:3]}, missing {sorted(trainable & set(missing))[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ==================================================================================================
+# Training loop
+# ==================================================================================================
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_output_dir(args: Args) -> None:
+    """Never mix two runs in one directory by accident."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SystemExit(
+            f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
+            "to continue that run, --overwrite_output_dir true to write into it anyway, or another --output_dir."
+        )
+
+
+def load_teacher(args: Args, accelerator: Accelerator, student):
+    """The frozen teacher. Its vocabulary must be the student's: the divergence compares distributions token by token."""
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher_model, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation)
+    ours, theirs = student.config.get_text_config().vocab_size, teacher.config.get_text_config().vocab_size
+    if ours != theirs:
+        raise SystemExit(f"error: the teacher {args.teacher_model} has vocab_size {theirs} but the student has {ours}; pick a teacher of the student's family (--teacher_model)")
+    return teacher.to(accelerator.device).eval().requires_grad_(False)
+
+
+def step_sequences(model, teacher, tokenizer, items: list[dict], indices: list[int], step: int, source: str, args: Args, accelerator: Accelerator, eos_ids: set[int], vllm) -> dict:
+    """The micro-batch of step `step`: prompts with the student's samples (source 'student'), the teacher's
+    samples ('teacher', seq_kd) or the dataset responses ('data'), cut at the first end-of-sequence token.
+    Random streams are named by (seed, step, prompt): any process count samples the same sequences."""
+    prompts = [items[i]["prompt_ids"] for i in indices]
+    if source == "data":
+        completions, _ = cut_at_end([items[i]["response_ids"][: args.max_new_tokens] for i in indices], eos_ids)
+    else:
+        completions = sample_completions(
+            model if source == "student" else teacher, tokenizer, prompts, seeds=[stream_seed(args.seed, step, i) for i in indices],
+            temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens, accelerator=accelerator,
+            vllm=vllm if source == "student" else None,
+        ).completion_ids
+    batch = sequence_batch(prompts, completions, tokenizer.pad_token_id, accelerator.device)
+    batch["num_items"] = len(indices)  # the loss is a mean over sequences of per-token means
+    return batch
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to or None,
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args)
+    items, skipped = build_items(args, tokenizer)
+    say(f"{len(items)} training items from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
+    model = load_model(args, accelerator)
+    disable_dropout(model)
+    teacher = load_teacher(args, accelerator, model)
+    eos_ids = end_of_sequence_ids(tokenizer, model)
+    vllm = VLLMGenerator(args, accelerator) if args.use_vllm else None
+    optimizer = make_optimizer(model, args, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps), num_training_steps=total_steps)
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
+    say(
+        f"{total_steps} optimizer steps of {per_step} sequences "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+    )
+    context = {"teacher": teacher, "accelerator": accelerator}
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        # Algorithm 1 of Agarwal et al. (2024): with probability lmbda this step's sequences are the student's own.
+        # The coin is a function of (seed, step), so every process (and a resumed run) makes the same choice.
+        on_policy = random.Random(stream_seed(args.seed, step)).random() < args.lmbda
+        source = "student" if on_policy else ("teacher" if args.seq_kd else "data")
+        if vllm is not None and on_policy:
+            vllm.load_weights(model, accelerator)
+        micro_batches = [
+            step_sequences(model, teacher, tokenizer, items, indices, step, source, args, accelerator, eos_ids, vllm)
+            for indices in step_indices(step, len(items), per_step, steps_per_epoch, args, accelerator.process_index, accelerator.num_processes)
+        ]
+        generated = time.perf_counter()
+        model.train()
+        # The loss of a step is a sum over all its micro-batches on all processes divided by the global number
+        # of sequences, so accumulation and data parallelism give exactly the gradient of one big batch.
+        global_count = float(per_step)
+        sums: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            with nullcontext() if index == len(micro_batches) - 1 else accelerator.no_sync(model):
+                loss_sum, metrics = compute_loss(model, batch, args, context)
+                accelerator.backward(loss_sum * accelerator.num_processes / global_count)
+            for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+        names = sorted(sums)
+        totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
+        logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
+        if not math.isfinite(logs["loss"]):
+            raise SystemExit(f"error: the loss became {logs['loss']} at step {step + 1}; stopping before the update. Lower the learning rate or check the data.")
+        if args.max_grad_norm > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs.update(on_policy=float(on_policy), step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], generation_seconds=generated - started, step_seconds=time.perf_counter() - started)
+        progress.update(1)
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "on_policy")})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(logs) + "\n")
+            if args.report_to:
+                accelerator.log(logs, step=step + 1)
+        if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+    progress.close()
+    save_final(accelerator, model, tokenizer, args)
+    if args.report_to:
+        accelerator.end_training()
+    say(f"done: {output_dir / 'final'}")
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
+    """The trained weights in Hugging Face format (the full model)."""
+    final_dir = Path(args.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1176 @@
+"""RL from AI Feedback (rlaif): a single-file training script compiled by ptcompile.
+
+Paper:
+    - RLAIF vs. RLHF: Scaling Reinforcement Learning from Human Feedback with AI Feedback (Lee et al., 2023), arXiv 2309.00267 [lee2023rlaif]
+
+Objective (Methodology: preference labelling with LLMs ('Addressing Position Bias') and distilled / direct RLAIF of lee2023rlaif):
+    p_AI = ½·[ softmax(ℓ_'1', ℓ_'2')[first] with order (y1,y2) + softmax(ℓ_'1', ℓ_'2')[second] with
+    order (y2,y1) ] (ℓ = labeller log-probs of the tokens '1','2'); reward model: L_RM = −E[
+    p_AI·log σ(r(x,y1) − r(x,y2)) + (1 − p_AI)·log σ(r(x,y2) − r(x,y1)) ]; policy: maximise
+    E_{y~π_θ}[ r(x,y) ] − β·KL(π_θ ‖ π_ref) (direct RLAIF: r = the LLM's own score)
+
+RLHF with the human labeller replaced by an off-the-shelf LLM. For a pair of responses the labeller
+is prompted to say which is better, and the softmax of its log-probabilities for \"1\" and \"2\",
+averaged over both orderings of the pair to cancel position bias, is a soft preference label. In the
+paper the labels either train a reward model for RL or, in direct RLAIF, the LLM's score is used as
+the reward itself. Here the AI-labelled on-policy pairs feed a preference update in the
+online-preference loop.
+
+Model:   Qwen2.5-0.5B-Instruct (Qwen/Qwen2.5-0.5B-Instruct), full fine-tuning
+Data:    UltraFeedback prompts (trl-lib/ultrafeedback-prompt, split train), format "prompt"
+Every hyperparameter in `Args` names its source (paper and section, or common practice and why).
+
+Compiled with:
+    ptcompile rlaif --model qwen2.5-0.5b-instruct
+
+Run:
+    python train_rlaif.py --help
+    python train_rlaif.py                          # one process: a GPU if there is one, else the CPU
+    accelerate launch train_rlaif.py               # data parallel over all GPUs (`accelerate config` for FSDP)
+    python train_rlaif.py --resume_from_checkpoint latest   # continue an interrupted run exactly
+
+Requires: torch, transformers>=5, accelerate, datasets.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+import re
+from fractions import Fraction
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Args:
+    """Every setting of the run. Each field is a command-line flag: --name value (booleans: true/false)."""
+
+    # --- Model and data ------------------------------------------------------------------------------
+    model_name_or_path: str = 'Qwen/Qwen2.5-0.5B-Instruct'
+    """Hub id or local directory of the model (preset 'qwen2.5-0.5b-instruct')."""
+    model_dtype: str = 'float32'
+    """dtype the weights are loaded in: float32, bfloat16 or float16. Full fine-tuning keeps
+    float32 master weights and computes in bf16 through --mixed_precision."""
+    attn_implementation: str = 'sdpa'
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
+    dataset: str = 'trl-lib/ultrafeedback-prompt'
+    """A local .jsonl / .json / .parquet file or a Hub dataset id (preset 'ultrafeedback-prompts')."""
+    dataset_config: str = ''
+    """Hub dataset configuration name ('' for none)."""
+    dataset_split: str = 'train'
+    """Hub dataset split."""
+    prompt_column: str = 'prompt'
+    """Column holding prompt: a string or a list of messages."""
+    answer_column: str = 'answer'
+    """Column holding answer: the reference answer, for verifiable rewards."""
+    answer_format: str = 'plain'
+    """How the answer column is written: plain, gsm8k ('#### 42') or boxed (\\boxed{42})."""
+    judge_template: str = 'A user wrote the conversation below, and an assistant could reply with either of two responses. Judge which response is more helpful, accurate, coherent and harmless.\n\nConversation:\n{prompt}\n\nResponse 1:\n{first}\n\nResponse 2:\n{second}\n\nWhich response is better? Answer 1 or 2.'
+    """The judge's instructions, with {prompt}, {first} and {second} filled in; sent as a user
+    message (edit it to fit your task)."""
+    output_dir: str = 'runs/rlaif'
+    """Where checkpoints, metrics.jsonl and the final model go."""
+
+    # --- Method hyperparameters: RL from AI Feedback -------------------------------------------------
+    max_new_tokens: int = 256
+    """Maximum tokens per candidate response. Typical range: [8, 32768]. Source: common practice:
+    Enough for most chat answers."""
+    judge_model: str = 'Qwen/Qwen2.5-7B-Instruct'
+    """Hub id or local directory of the instruction-tuned LLM prompted as the AI labeller; its
+    tokenizer must encode '1' and '2' as single tokens. Source: common practice: The paper
+    labels with PaLM 2 and finds even a labeller of the policy's own size helps; a larger
+    instruction model is the safe default."""
+    position_debias: bool = True
+    """Label every pair twice with the two responses swapped and average the two preference
+    distributions. Source: lee2023rlaif, 'Addressing Position Bias': two inferences per pair
+    with the candidate order reversed, results averaged."""
+    chain_of_thought: bool = False
+    """Ask the labeller to reason before scoring; more aligned labels at several times the
+    labelling cost. Source: common practice: Off to keep labelling cheap; the paper reports that
+    chain-of-thought prompting raises AI-labeller alignment with humans."""
+    beta: float = 0.1
+    """Strength of the KL constraint to the reference model in the preference update. Typical
+    range: [0.01, 1.0]. Source: common practice: The usual DPO-style value (Rafailov et al. App.
+    B); the paper's own RL settings are not reused here."""
+    temperature: float = 0.9
+    """Sampling temperature of the policy's candidate pair. Typical range: [0.1, 2.0]. Source:
+    common practice: As for online DPO (TRL 1.16 default)."""
+
+    # --- Training defaults of the 'online-preference' family -----------------------------------------
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 trains for num_train_epochs); in the round-based
+    methods (self-rewarding, SPIN) the limit applies to each round. Typical range: [-1,
+    100000000]. Source: common practice: Epoch-based by default, as in transformers' Trainer;
+    rounds are separate training runs in the papers, so each gets the budget."""
+    learning_rate: float = 5e-07
+    """Peak learning rate. Typical range: [1e-09, 0.001]. Source: common practice: As for offline
+    DPO."""
+    max_prompt_length: int = 512
+    """Prompts longer than this are truncated from the left. Typical range: [8, 1048576]. Source:
+    common practice: Half of a 1024-token budget."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of the policy's samples (1 samples from the full distribution).
+    Typical range: [0.0, 1.0]. Source: common practice: TRL 1.16 OnlineDPOConfig default: plain
+    sampling at the given temperature."""
+
+    # --- Optimisation defaults shared by every method ------------------------------------------------
+    seed: int = 42
+    """Seed for initialisation of new parameters, data order and sampling; the same seed reproduces
+    a run. Typical range: [0, 4294967295]. Source: common practice: Any fixed value; 42 is the
+    transformers/TRL default, kept so runs compare."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0). Typical range: [1, 100]. Source:
+    common practice: Post-training rarely needs more than 1-3 epochs; more overfits small
+    corpora."""
+    per_device_train_batch_size: int = 4
+    """Sequences (or pairs, groups) per device per micro-batch. Typical range: [1, 4096]. Source:
+    common practice: Fits a 7-8B model with LoRA or a 1B full fine-tune on one 80 GB GPU at 2k
+    tokens; raise it when memory allows."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed before each optimizer step; effective batch = this x batch size x
+    processes. Typical range: [1, 4096]. Source: common practice: Reaches an effective batch of
+    16 on one GPU; papers report 32-256 (scale this up)."""
+    lr_scheduler_type: str = 'cosine'
+    """Learning-rate schedule after warm-up. One of: linear, cosine, constant,
+    constant_with_warmup. Source: common practice: Cosine decay after a short linear warm-up is
+    the standard fine-tuning schedule."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent linearly warming the learning rate up from 0. Typical
+    range: [0.0, 0.5]. Source: common practice: 3% warm-up is the Alpaca/TRL SFT default; 3-10%
+    is typical."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay, applied to weight matrices only (not biases or norms). Typical
+    range: [0.0, 1.0]. Source: common practice: Fine-tuning recipes (Alpaca, Tulu, TRL) mostly
+    use 0; 0.01-0.1 is also seen."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay. Typical range: [0.0, 0.999]. Source: common practice: PyTorch and
+    transformers AdamW default."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay. Typical range: [0.9, 0.99999]. Source: common practice: PyTorch
+    and transformers AdamW default; 0.95 is common for large-batch pretraining."""
+    adam_epsilon: float = 1e-08
+    """AdamW denominator epsilon. Typical range: [1e-12, 0.0001]. Source: common practice: PyTorch
+    and transformers AdamW default."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping). Typical range: [0.0,
+    1000.0]. Source: common practice: Clipping at 1.0 is the transformers/TRL default and
+    stabilises fine-tuning."""
+
+    # --- Run -----------------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'
+    """auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0: only the final model)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str = ''
+    """'latest' or a checkpoint directory: continue that run exactly."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    report_to: str = ''
+    """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+    use_vllm: bool = False
+    """Generate with vLLM (must be installed; one engine per GPU, weights copied in before each
+    generation) instead of transformers' generate."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of each GPU's memory vLLM may take for its weights and KV cache (--use_vllm true)."""
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this file, for --help."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {}
+    for node, after in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    docs = field_docstrings(Args)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Args):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default, help=docs.get(f.name, ""))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ==================================================================================================
+# Data: read rows, check them, turn them into token ids
+# ==================================================================================================
+
+
+class DataError(ValueError):
+    """A malformed training row. The message starts with the file and line (or dataset and row)."""
+
+
+def iter_rows(args: Args):
+    """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
+
+    `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    """
+    path = Path(args.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                    yield f"{path}:{line_number}", row
+            return
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects")
+            for index, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {index}: expected a JSON object")
+                yield f"{path} item {index}", row
+            return
+        import datasets  # only needed for Parquet and Hub datasets
+
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for index, row in enumerate(table):
+            yield f"{path} row {index}", row
+        return
+    import datasets
+
+    table = datasets.load_dataset(args.dataset, args.dataset_config or None, split=args.dataset_split)
+    for index, row in enumerate(table):
+        yield f"{args.dataset}[{args.dataset_split}] row {index}", row
+
+
+def column(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (present: {', '.join(sorted(map(str, row))) or 'none'}; map another column with --{name}_column)")
+    return row[name]
+
+
+def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = column(row, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def as_messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A string becomes one message with `role`; a list must already be [{"role": ..., "content": ...}, ...]."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for index, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: field '{name}' item {index}: expected an object with string 'role' and 'content'")
+            messages.append({"role": message["role"], "content": message["content"]})
+        return messages
+    raise DataError(f"{where}: field '{name}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def completion_messages(value, prompt: list[dict], where: str, name: str) -> list[dict]:
+    """A completion is a string or assistant message(s). Datasets such as UltraFeedback repeat the prompt
+    inside the completion's message list; that shared prefix is dropped."""
+    messages = as_messages(value, where, name, role="assistant")
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: field '{name}' must hold the assistant's reply (got roles {[m['role'] for m in messages]})")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return messages
+
+
+class ChatEncoder:
+    """Renders conversations with the tokenizer's own chat template and says which tokens are the model's.
+
+    The assistant's tokens are found by rendering growing prefixes of the conversation: the tokens between
+    the render of messages[:i] (with the generation prompt) and the render of messages[:i+1] are turn i.
+    This needs a template whose render of a prefix is a prefix of the full render; we check it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.ids(prompt, add_generation_prompt=True)
+        full_ids = self.ids(prompt + completion)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+
+    def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
+        ids = self.ids(messages)
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1])
+            if ids[: len(end_ids)] != end_ids:
+                raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
+            labels[start : len(end_ids)] = ids[start : len(end_ids)]
+        return ids, labels
+
+
+def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
+    """Bad rows stop the run with their location, unless --skip_bad_rows true: then they are counted."""
+    if not args.skip_bad_rows:
+        raise error
+    skipped.append(str(error))
+
+
+def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
+    """One row -> the prompt's messages and token ids."""
+    prompt = as_messages(column(row, args.prompt_column, where), where, args.prompt_column, role="user")
+    prompt_ids = encoder.ids(prompt, add_generation_prompt=True)
+    response_ids = []
+    answer = ""  # this script's judge does not read a reference answer
+    if len(prompt_ids) > args.max_prompt_length:
+        prompt_ids = prompt_ids[-args.max_prompt_length :]  # keep the end of a long conversation
+    return {"prompt": prompt, "prompt_ids": prompt_ids, "response_ids": response_ids, "answer": answer}
+
+
+def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    encoder, items, skipped = ChatEncoder(tokenizer), [], []
+    for where, row in iter_rows(args):
+        try:
+            items.append(encode_row(row, where, encoder, args))
+        except DataError as error:
+            keep_or_raise(args, error, skipped)
+    return items, skipped
+
+
+def collate_pairs(pairs: list[dict], pad_id: int, device: torch.device) -> dict:
+    """Rows 0..n-1 are prompt + first completion, rows n..2n-1 prompt + second: one forward pass scores both."""
+    batch = sequence_batch(
+        [p["prompt_ids"] for p in pairs] * 2, [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs], pad_id, device
+    )
+    batch["weight"] = torch.tensor([p["weight"] for p in pairs], device=device)
+    batch["preference"] = torch.tensor([p["preference"] for p in pairs], device=device)
+    batch["num_pairs"] = len(pairs)
+    batch["num_items"] = float(sum(p["weight"] for p in pairs))  # the loss is a mean over pairs that carry a preference
+    return batch
+
+
+# ==================================================================================================
+# Model and tokenizer
+# ==================================================================================================
+
+
+def load_tokenizer(args: Args):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token works; EOS is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
+    """The causal LM (with its PEFT adapters when `trainable`), on this process's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache only helps generation
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower steps for far less activation memory.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ==================================================================================================
+# Rollouts: sample completions with the policy, mark their ends, score their tokens
+# ==================================================================================================
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left (generation appends on the right), and their attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    return ids, mask
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return ids, mask
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(*parts: int) -> int:
+    """A 64-bit seed that depends only on `parts` (e.g. run seed, step, global completion index).
+
+    Folds the parts through the splitmix64 finaliser. Every completion gets its own random stream named by
+    where it sits in the run, not by which process or batch generates it: one process or eight, any batch
+    size, an interrupted and resumed run, all sample exactly the same completions.
+    """
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers with full avalanche (the 'lowbias32' constants of Wellons' hash prospector)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] uniform numbers in (0, 1), a pure function of (row seed, position, token id).
+
+    A counter-based generator: nothing is stateful, so the numbers a completion sees never depend on the
+    other rows of the batch. `seeds` holds one 64-bit seed per row, split into two 32-bit keys.
+    """
+    key_low, key_high = seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF
+    row = _hash32(_hash32(key_low ^ _hash32(torch.full_like(key_low, position))) ^ key_high)
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    bits = _hash32(_hash32(row[:, None] ^ tokens[None, :]) ^ key_low[:, None])
+    return (bits.double() + 0.5) / 4294967296.0
+
+
+class SeededSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling from softmax(logits / temperature), nucleus-truncated.
+
+    Gumbel-max: argmax_v(logit_v / T + g_v) with g_v = -log(-log u_v), u_v ~ U(0, 1) i.i.d., is a draw from
+    softmax(logit / T). Tokens outside the top-p nucleus get -inf first, so the draw is from the renormalised
+    nucleus, as with top-p sampling. The u_v come from counter_uniform, keyed by each row's seed.
+    """
+
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.seeds, self.prompt_width, self.temperature, self.top_p = seeds, prompt_width, temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p (always >= 1 token).
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+            drop_sorted = before >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        uniform = counter_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(scores.dtype)
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one row per requested prompt (in the order given)."""
+
+    prompt_ids: list[list[int]]
+    """Each row's prompt tokens (unpadded)."""
+    completion_ids: list[list[int]]
+    """Each row's completion tokens up to and including its first end-of-sequence token; nothing after it."""
+    truncated: list[bool]
+    """True where generation hit max_new_tokens before any end-of-sequence token."""
+    texts: list[str]
+    """Each completion decoded without special tokens (what rewards and judges read)."""
+
+
+def end_of_sequence_ids(tokenizer, model) -> set[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def cut_at_end(rows: list[list[int]], eos_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """Keep each row up to and including its first EOS. Rows without one are flagged as truncated."""
+    kept, truncated = [], []
+    for row in rows:
+        end = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        kept.append(row if end is None else row[: end + 1])
+        truncated.append(end is None)
+    return kept, truncated
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    seeds: list[int],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    greedy: bool = False,
+    accelerator: Accelerator,
+    vllm=None,
+) -> Rollout:
+    """Generate one completion per entry of `prompts` (token lists), batched with left padding.
+
+    `seeds[i]` names row i's random stream (see stream_seed); with greedy=True the most likely token is
+    taken at every step and the seeds are unused. With a VLLMGenerator the same seeds go to vLLM's
+    per-request sampler instead (vLLM draws differently from transformers, so runs are reproducible with
+    either engine, not across the two).
+    """
+    eos_ids = end_of_sequence_ids(tokenizer, accelerator.unwrap_model(model))
+    if vllm is not None:
+        rows = vllm.generate(prompts, seeds, temperature, top_p, max_new_tokens, greedy)
+    else:
+        policy = accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, accelerator.device)
+        config = GenerationConfig(
+            do_sample=False,  # sampling happens in SeededSampler; argmax of (logits/T + Gumbel noise) is a sample
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            # Neutralise anything the model's own generation_config.json would add (Qwen ships a repetition penalty):
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
+        processors = LogitsProcessorList()
+        if not greedy:
+            seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], dtype=torch.long, device=accelerator.device)
+            processors.append(SeededSampler(seed_tensor, ids.shape[1], temperature, top_p))
+        with accelerator.autocast():
+            output = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+        rows = output[:, ids.shape[1] :].tolist()
+        policy.train(was_training)
+    completions, truncated = cut_at_end(rows, eos_ids)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=completions, truncated=truncated, texts=texts)
+
+
+def sequence_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device: torch.device) -> dict:
+    """Rows of prompt + completion, right-padded (positions start at 0, as in an unpadded forward pass).
+
+    `logp_index[i, t]` is where completion token t of row i is predicted in the shifted logits, and
+    `completion_mask[i, t]` is 1 on the completion's real tokens (its EOS included), 0 on padding.
+    """
+    ids, mask = right_pad([p + c for p, c in zip(prompt_ids, completion_ids)], pad_id, device)
+    width = max(len(c) for c in completion_ids)
+    last = ids.shape[1] - 2
+    index = [[min(len(p) - 1 + t, last) for t in range(width)] for p in prompt_ids]
+    completion_mask = [[1] * len(c) + [0] * (width - len(c)) for c in completion_ids]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "logp_index": torch.tensor(index, device=device),
+        "completion_mask": torch.tensor(completion_mask, device=device, dtype=torch.float32),
+    }
+
+
+def completion_token_logps(model, batch: dict, temperature: float) -> torch.Tensor:
+    """[rows, completion tokens] log π(o_t | q, o_<t) at the sampling temperature; 0 on padding.
+
+    Dividing the logits by the temperature scores the tokens under the distribution they were drawn from.
+    Gradients flow unless called under torch.no_grad().
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float() / temperature
+    token_logps = -F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return token_logps.gather(1, batch["logp_index"]) * batch["completion_mask"]
+
+
+@torch.no_grad()
+def score_tokens(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, temperature: float, pad_id: int, accelerator: Accelerator, batch_size: int) -> list[list[float]]:
+    """Per-token log-probs of many completions under `model`, in chunks of `batch_size` rows, as lists."""
+    results = []
+    for start in range(0, len(prompt_ids), batch_size):
+        completions = completion_ids[start : start + batch_size]
+        batch = sequence_batch(prompt_ids[start : start + batch_size], completions, pad_id, accelerator.device)
+        with accelerator.autocast():
+            logps = completion_token_logps(model, batch, temperature)
+        results += [row[: len(c)] for row, c in zip(logps.tolist(), completions)]
+    return results
+
+
+@torch.no_grad()
+def reference_scores(model, reference, prompt_ids, completion_ids, *, temperature: float, pad_id: int, accelerator: Accelerator, batch_size: int) -> list[list[float]]:
+    """Per-token log π_ref of the completions (see score_tokens)."""
+    return score_tokens(reference, prompt_ids, completion_ids, temperature=temperature, pad_id=pad_id, accelerator=accelerator, batch_size=batch_size)
+
+
+class VLLMGenerator:
+    """Optional fast generation with vLLM, colocated on each process's GPU (--use_vllm true).
+
+    The engine holds its own copy of the weights; load_weights() copies the policy's current weights into
+    it before each generation (with a LoRA-style adapter: merged for the copy, then unmerged). Not tested
+    by ptcompile's CPU test suite; the transformers path above is the reference behaviour.
+    """
+
+    def __init__(self, args: Args, accelerator: Accelerator):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise SystemExit("error: --use_vllm true needs the vllm package (pip install vllm); or run with --use_vllm false") from None
+        self.sampling_params = SamplingParams
+        self.llm = LLM(
+            model=args.model_name_or_path,
+            dtype="bfloat16" if args.model_dtype == "float32" else args.model_dtype,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            seed=args.seed,
+            # Each process drives its own engine on its own GPU.
+            distributed_executor_backend="external_launcher" if accelerator.num_processes > 1 else None,
+        )
+
+    def load_weights(self, model, accelerator: Accelerator) -> None:
+        policy = accelerator.unwrap_model(model)
+        self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(policy.state_dict().items())
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], temperature: float, top_p: float, max_new_tokens: int, greedy: bool) -> list[list[int]]:
+        params = [
+            self.sampling_params(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens, seed=seed % (2**63))
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+# ==================================================================================================
+# Loss
+# ==================================================================================================
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """log π(y|x) of every row's completion: its tokens' log-probabilities (temperature 1) summed."""
+    return completion_token_logps(model, batch, temperature=1.0).sum(-1)
+
+
+def reference_logps(model, batch: dict, context: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_ref of both completions of every pair under the frozen starting model."""
+    pairs = batch["num_pairs"]
+    with torch.no_grad(), context["accelerator"].autocast():
+        logps = sequence_logps(context["reference"], batch)
+    return logps[:pairs], logps[pairs:]
+
+
+def disable_dropout(model) -> None:
+    """Switch dropout off: the log-probabilities computed when sampling and when updating must come from the
+    same function (TRL's online trainers do the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+def soft_preference_loss(
+    first_logps: torch.Tensor,
+    second_logps: torch.Tensor,
+    ref_first_logps: torch.Tensor,
+    ref_second_logps: torch.Tensor,
+    preference: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lee et al. (2023)'s reward-model loss on soft AI labels, with DPO's implicit reward as the reward:
+
+        h = β·log[π(y1|x) / π_ref(y1|x)] − β·log[π(y2|x) / π_ref(y2|x)]
+        L = −[ p·log σ(h) + (1 − p)·log σ(−h) ],   p = p_AI(y1 ≻ y2 | x)
+
+    The paper trains a separate reward model with this cross-entropy and then runs RL against it; here the
+    AI-labelled on-policy pair updates the policy directly (a deliberate shortcut: the DPO loss of Rafailov
+    et al. Eq. 7 when p is 0 or 1). Log-probabilities are sums over each completion's tokens, shape [pairs].
+    Also returns the implicit rewards β·log(π/π_ref) of both completions, detached, for logging.
+    """
+    first_rewards = beta * (first_logps - ref_first_logps)
+    second_rewards = beta * (second_logps - ref_second_logps)
+    margin = first_rewards - second_rewards
+    losses = -(preference * F.logsigmoid(margin) + (1.0 - preference) * F.logsigmoid(-margin))
+    return losses, first_rewards.detach(), second_rewards.detach()
+
+
+def ai_preference(first_order: torch.Tensor, swapped_order: torch.Tensor | None) -> torch.Tensor:
+    """p_AI(y1 ≻ y2) from the labeller's logits of the tokens '1' and '2', shape [pairs, 2] each.
+
+    Lee et al. (2023), 'Addressing Position Bias': the pair is labelled twice, once as (y1, y2) and once
+    as (y2, y1), and the two preference distributions are averaged:
+
+        p = ½·[ softmax(ℓ_1, ℓ_2)[0] with y1 shown first + softmax(ℓ_1, ℓ_2)[1] with y2 shown first ]
+
+    With `swapped_order` None (position_debias false) only the first ordering is used.
+    """
+    first = torch.softmax(first_order.float(), dim=-1)[:, 0]
+    if swapped_order is None:
+        return first
+    return 0.5 * (first + torch.softmax(swapped_order.float(), dim=-1)[:, 1])
+
+
+def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
+    """Summed loss over the micro-batch's pairs, plus summed metrics (the loop divides by the pair count)."""
+    pairs = batch["num_pairs"]
+    logps = sequence_logps(model, batch)
+    chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
+    ref_chosen_logps, ref_rejected_logps = reference_logps(model, batch, context)
+    losses, chosen_rewards, rejected_rewards = soft_preference_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, batch["preference"], beta=args.beta)
+    weight = batch["weight"]
+    metrics = {
+        "rewards/first": (chosen_rewards * weight).sum(),
+        "rewards/second": (rejected_rewards * weight).sum(),
+        "rewards/margin": ((chosen_rewards - rejected_rewards) * weight).sum(),
+        # Agreement: the implicit reward orders the pair the way the soft label leans.
+        "rewards/accuracy": (((chosen_rewards > rejected_rewards) == (batch["preference"] > 0.5)).float() * weight).sum(),
+        "logps/first": (chosen_logps.detach() * weight).sum(),
+        "logps/second": (rejected_logps.detach() * weight).sum(),
+    }
+    return (losses * weight).sum(), metrics
+
+
+# ==================================================================================================
+# AI feedback: an off-the-shelf LLM labels which of two samples is better
+# ==================================================================================================
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A prompt's messages as plain text for the labeller: a lone user message as is, else 'role: content' lines."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+class AILabeller:
+    """Preference labels from an off-the-shelf LLM, as in Lee et al. (2023).
+
+    The labelling text (judge_template with {prompt}, {first} and {second}) is the user message; the
+    labeller's reply is started with 'Preferred response=' and its next-token logits of the tokens '1' and
+    '2' are read. With chain_of_thought true the labeller first writes a rationale (greedy, at most
+    max_new_tokens) after 'Rationale:', which stays in the context before 'Preferred response=' (the paper's
+    two-step chain-of-thought labelling). Nothing is sampled: labels are deterministic.
+    """
+
+    def __init__(self, args: Args, accelerator: Accelerator):
+        self.tokenizer = AutoTokenizer.from_pretrained(args.judge_model)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(args.judge_model, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation)
+        self.model = self.model.to(accelerator.device).eval().requires_grad_(False)
+        self.labels = []
+        for label in ("1", "2"):
+            ids = self.tokenizer.encode(label, add_special_tokens=False)
+            if len(ids) != 1:
+                raise SystemExit(f"error: the labeller's tokenizer splits {label!r} into {len(ids)} tokens; a single token is needed")
+            self.labels.append(ids[0])
+        self.args, self.accelerator = args, accelerator
+
+    def contexts(self, prompts: list[list[dict]], firsts: list[str], seconds: list[str]) -> list[str]:
+        """The labeller's input up to where it names its preference."""
+        texts = []
+        for prompt, first, second in zip(prompts, firsts, seconds):
+            request = self.args.judge_template.format(prompt=conversation_text(prompt), first=first, second=second)
+            texts.append(self.tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True))
+        if self.args.chain_of_thought:
+            started = [text + "Rationale:" for text in texts]
+            ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in started]
+            rationales = sample_completions(
+                self.model, self.tokenizer, ids, seeds=[0] * len(ids), temperature=1.0, top_p=1.0,
+                max_new_tokens=self.args.max_new_tokens, greedy=True, accelerator=self.accelerator,
+            ).texts
+            texts = [text + rationale.strip() + "\n" for text, rationale in zip(started, rationales)]
+        return [text + "Preferred response=" for text in texts]
+
+    @torch.no_grad()
+    def label_logits(self, texts: list[str]) -> torch.Tensor:
+        """[n, 2]: the next-token logits of '1' and '2' after each text."""
+        rows = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id, self.accelerator.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the positions
+        with self.accelerator.autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+        return logits[:, self.labels]
+
+    def __call__(self, prompts: list[list[dict]], firsts: list[str], seconds: list[str]) -> list[float]:
+        """p_AI(first ≻ second) for every pair (see ai_preference)."""
+        first_order = self.label_logits(self.contexts(prompts, firsts, seconds))
+        swapped = self.label_logits(self.contexts(prompts, seconds, firsts)) if self.args.position_debias else None
+        return ai_preference(first_order, swapped).tolist()
+
+
+def make_pairs(model, tokenizer, items: list[dict], indices: list[int], step: int, args: Args, accelerator: Accelerator, labeller: AILabeller, vllm) -> tuple[list[dict], dict]:
+    """Sample y1, y2 ~ π_θ(·|x) for the prompts `indices` with the current policy; the labeller gives the
+    soft label p_AI(y1 ≻ y2). Every pair counts (weight 1); a near-tie simply pulls both ways about equally.
+    Returns the pairs and (sum, count) statistics of the labels."""
+    prompts = [items[i]["prompt_ids"] for i in indices]
+    # Completion k of item i draws from its own random stream, named by (seed, step, item, k).
+    seeds = [stream_seed(args.seed, step, i, k) for k in (0, 1) for i in indices]
+    rollout = sample_completions(
+        model, tokenizer, prompts * 2, seeds=seeds, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, accelerator=accelerator, vllm=vllm,
+    )
+    n = len(indices)
+    preferences = labeller([items[i]["prompt"] for i in indices], rollout.texts[:n], rollout.texts[n:])
+    pairs = [
+        {"prompt_ids": prompts[j], "chosen_ids": rollout.completion_ids[j], "rejected_ids": rollout.completion_ids[n + j], "preference": preferences[j], "weight": 1.0}
+        for j in range(n)
+    ]
+    stats = {
+        "preference/confidence": (sum(abs(2.0 * p - 1.0) for p in preferences), n),
+        "truncated": (sum(map(float, rollout.truncated)), 2 * n),
+        "completion_length": (sum(len(c) for c in rollout.completion_ids), 2 * n),
+    }
+    return pairs, stats
+
+
+# ==================================================================================================
+# Optimiser and schedule
+# ==================================================================================================
+
+
+def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norm gains hurts fine-tuning."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+
+
+def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
+    """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
+        )
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return per_step, steps_per_epoch, total
+
+
+def step_indices(step: int, num_items: int, per_step: int, steps_per_epoch: int, args: Args, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of item indices) for optimizer step `step`.
+
+    The order is a seeded permutation per epoch, so it depends only on (seed, step): a resumed run sees
+    exactly the items the uninterrupted run would have. Each process takes a contiguous slice of the
+    step's items, so the union over processes is the same global batch whatever the process count.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    items = order[offset * per_step : (offset + 1) * per_step]
+    share = per_step // world
+    mine = items[rank * share : (rank + 1) * share]
+    size = args.per_device_train_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+# ==================================================================================================
+# Checkpoints: atomic saves, exact resume
+# ==================================================================================================
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+
+    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
+    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
+    PEFT that is the adapter, not the frozen base model).
+    """
+    output_dir = Path(args.output_dir)
+    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, temporary / "state.pt")
+        (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)  # rename(2): atomic within one filesystem
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "state.pt").is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+    # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise SystemExit(f"error: {path} does not match this model (unexpected {unexpected[:3]}, missing {sorted(trainable & set(missing))[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ==================================================================================================
+# Training loop
+# ==================================================================================================
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_output_dir(args: Args) -> None:
+    """Never mix two runs in one directory by accident."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SystemExit(
+            f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
+            "to continue that run, --overwrite_output_dir true to write into it anyway, or another --output_dir."
+        )
+
+
+def global_means(sums: dict[str, float], counts: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Each statistic's sum over all processes divided by its own count over all processes."""
+    names = sorted(sums)
+    if not names:
+        return {}
+    totals = accelerator.reduce(torch.tensor([[sums[n], counts[n]] for n in names], device=accelerator.device, dtype=torch.float64), reduction="sum")
+    return {name: (total / count if count else float("nan")) for name, (total, count) in zip(names, totals.tolist())}
+
+
+def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], args: Args, accelerator: Accelerator, context: dict) -> dict:
+    """One update from the step's micro-batches of pairs; returns the step's mean loss and metrics.
+
+    The loss is summed over every micro-batch on every process and divided by the global number of pairs
+    that carry a preference, so accumulation and data parallelism give exactly the gradient of one big batch.
+    A step without any such pair (every pair tied) makes no update.
+    """
+    local_count = sum(batch["num_items"] for batch in micro_batches)
+    global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), reduction="sum").item()
+    if global_count == 0:
+        scheduler.step()  # the schedule follows the step count whether or not this step had data
+        return {"pairs": 0.0}
+    sums: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        is_last = index == len(micro_batches) - 1
+        with nullcontext() if is_last else accelerator.no_sync(model):
+            loss_sum, metrics = compute_loss(model, batch, args, context)
+            # DDP averages gradients over processes; multiplying by their number turns that into a sum.
+            accelerator.backward(loss_sum * accelerator.num_processes / global_count)
+        for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
+    logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
+    logs["pairs"] = global_count
+    if not math.isfinite(logs["loss"]):
+        raise SystemExit(f"error: the loss became {logs['loss']}; stopping before the update. Lower the learning rate or check the data.")
+    if args.max_grad_norm > 0:
+        logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs
+
+
+def write_metrics(logs: dict, step: int, progress, accelerator: Accelerator, args: Args, last: bool) -> None:
+    progress.update(1)
+    if step % args.logging_steps == 0 or last:
+        progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "preference/confidence", "rewards/margin",)})
+        if accelerator.is_main_process:
+            with (Path(args.output_dir) / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(logs) + "\n")
+        if args.report_to:
+            accelerator.log(logs, step=step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to or None,
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args)
+    items, skipped = build_items(args, tokenizer)
+    say(f"{len(items)} prompts from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    model = load_model(args, accelerator)
+    disable_dropout(model)
+    # π_ref is the starting model, frozen. It is not wrapped by accelerate: it never needs gradients.
+    reference = load_model(args, accelerator, trainable=False).to(accelerator.device)
+    labeller = AILabeller(args, accelerator)  # the off-the-shelf LLM that labels each pair
+    vllm = VLLMGenerator(args, accelerator) if args.use_vllm else None
+    optimizer = make_optimizer(model, args, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    context = {"accelerator": accelerator, "reference": reference}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
+    per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps), num_training_steps=total_steps)
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    say(
+        f"{total_steps} optimizer steps of {per_step} prompts "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+    )
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        if vllm is not None:
+            vllm.load_weights(model, accelerator)
+        # 1. The current policy samples this step's pairs and the judge orders them (no gradients).
+        micro_batches, sums, counts = [], {}, {}
+        for indices in step_indices(step, len(items), per_step, steps_per_epoch, args, accelerator.process_index, accelerator.num_processes):
+            pairs, stats = make_pairs(model, tokenizer, items, indices, step, args, accelerator, labeller, vllm)
+            micro_batches.append(collate_pairs(pairs, tokenizer.pad_token_id, accelerator.device))
+            for name, (total, count) in stats.items():
+                sums[name], counts[name] = sums.get(name, 0.0) + total, counts.get(name, 0.0) + count
+        generated = time.perf_counter()
+        # 2. One update on them against the frozen reference.
+        model.train()
+        logs = optimizer_step(model, optimizer, scheduler, micro_batches, args, accelerator, context)
+        logs.update(global_means(sums, counts, accelerator))
+        logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], generation_seconds=generated - started, step_seconds=time.perf_counter() - started)
+        write_metrics(logs, step + 1, progress, accelerator, args, last=step + 1 == total_steps)
+        if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+    progress.close()
+    save_final(accelerator, model, tokenizer, args)
+    if args.report_to:
+        accelerator.end_training()
+    say(f"done: {output_dir / 'final'}")
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
+    """The trained weights in Hugging Face format (the full model)."""
+    final_dir = Path(args.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
