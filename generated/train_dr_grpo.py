@@ -1150,6 +1150,13 @@ def stop_if_not_finite(what: str, value: float, step: int, last_checkpoint) -> N
         )
 
 
+def report_data(say, args: Args, count: int, skipped: list[str], noun: str = "training items") -> None:
+    """What was read, and the first bad rows that --skip_bad_rows true left out (each with its file:line)."""
+    say(f"{count} {noun} from {args.dataset}" + (f"; skipped {len(skipped)} bad rows (--skip_bad_rows true)" if skipped else ""))
+    for reason in skipped[:3]:
+        say(f"  skipped {reason}")
+
+
 def check_output_dir(args: Args) -> None:
     """Never mix two runs in one directory by accident."""
     output_dir = Path(args.output_dir)
@@ -1234,9 +1241,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(args)
     items, skipped = build_items(args, tokenizer)
-    say(f"{len(items)} training items (prompts) from {args.dataset}" + (f"; skipped {len(skipped)} bad rows (--skip_bad_rows true)" if skipped else ""))
-    for reason in skipped[:3]:
-        say(f"  skipped {reason}")
+    report_data(say, args, len(items), skipped, "training items (prompts)")
     # One rollout round = steps_per_generation optimizer steps' worth of prompts (each step: batch x accumulation x processes).
     per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     per_round = per_update * args.steps_per_generation

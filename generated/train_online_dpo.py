@@ -191,7 +191,8 @@ class Args:
     resume_from_checkpoint: str = ''
     """'latest' or a checkpoint directory: continue that run exactly."""
     overwrite_output_dir: bool = False
-    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    """Allow writing into a non-empty output_dir (otherwise the run refuses); the previous run's
+    checkpoints and metrics.jsonl there are removed."""
     skip_bad_rows: bool = False
     """Skip and count malformed rows instead of stopping at the first one."""
     report_to: str = ''
@@ -241,35 +242,64 @@ class DataError(ValueError):
     """A malformed training row. The message starts with the file and line (or dataset and row)."""
 
 
-def iter_rows(args: Args):
+def json_line(raw: bytes, where: str, first: bool) -> dict | None:
+    """One line of a .jsonl file as a dict (None for a blank line); DataError when it is not a JSON object."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def iter_rows(args: Args, skipped: list[str] | None = None):
     """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
 
     `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    A line that is not a JSON object stops the run, or with --skip_bad_rows true (and a `skipped` list to
+    count in) is skipped like any other bad row.
     """
     path = Path(args.dataset)
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
+            with path.open("rb") as handle:
+                for line_number, raw in enumerate(handle, start=1):
+                    where = f"{path}:{line_number}"
                     try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-                    yield f"{path}:{line_number}", row
+                        row = json_line(raw, where, first=line_number == 1)
+                    except DataError as error:
+                        if skipped is None:
+                            raise
+                        keep_or_raise(args, error, skipped)
+                        continue
+                    if row is not None:
+                        yield where, row
             return
         if path.suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8-sig"))
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a JSON list of objects")
             for index, row in enumerate(rows):
                 if not isinstance(row, dict):
-                    raise DataError(f"{path} item {index}: expected a JSON object")
+                    error = DataError(f"{path} item {index}: expected a JSON object, got {type(row).__name__}")
+                    if skipped is None:
+                        raise error
+                    keep_or_raise(args, error, skipped)
+                    continue
                 yield f"{path} item {index}", row
             return
         import datasets  # only needed for Parquet and Hub datasets
@@ -340,26 +370,29 @@ class ChatEncoder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False, where: str = "a row") -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # e.g. a template that rejects a role order: that row's problem, not a crash
+            raise DataError(f"{where}: the chat template cannot render this conversation ({type(exc).__name__}: {exc})") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
-        prompt_ids = self.ids(prompt, add_generation_prompt=True)
-        full_ids = self.ids(prompt + completion)
+        prompt_ids = self.ids(prompt, add_generation_prompt=True, where=where)
+        full_ids = self.ids(prompt + completion, where=where)
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
         return prompt_ids, full_ids[len(prompt_ids) :]
 
     def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
         """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
-        ids = self.ids(messages)
+        ids = self.ids(messages, where=where)
         labels = [-100] * len(ids)
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
-            end_ids = self.ids(messages[: turn + 1])
+            start = len(self.ids(messages[:turn], add_generation_prompt=True, where=where)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1], where=where)
             if ids[: len(end_ids)] != end_ids:
                 raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
             labels[start : len(end_ids)] = ids[start : len(end_ids)]
@@ -955,8 +988,8 @@ def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
     steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+        raise SystemExit(
+            f"error: {num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
             f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
         )
     total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
@@ -999,35 +1032,80 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
-    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+CHECKPOINT_DONE = "complete.json"
+"""Written last into a checkpoint's temporary directory; a checkpoint without it is never resumed from."""
 
-    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
-    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
-    PEFT that is the adapter, not the frozen base model).
+
+def fsync_tree(directory: Path) -> None:
+    """Flush a directory's files and the directory itself to disk, so a rename publishes complete data even
+    across a power cut (a killed process alone cannot lose written data: the kernel keeps it)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first. Temporary directories (.checkpoint-N.tmp) left by a run
+    killed mid-save, and directories without the completion marker, are not checkpoints."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name[len("checkpoint-") :]
+        if suffix.isdigit() and path.is_dir() and (path / CHECKPOINT_DONE).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args, loss_state: dict | None = None) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG, and
+    `loss_state`, the running statistics of a stateful loss (e.g. BCO's reward shift), when there is one.
+
+    Atomic: everything goes to a hidden temporary directory that is flushed to disk, marked complete and
+    only then renamed, so a run killed mid-save still has its previous checkpoint intact (and `latest`
+    never picks a half-written one). Only trainable parameters are stored (with PEFT that is the adapter,
+    not the frozen base model).
     """
     output_dir = Path(args.output_dir)
     final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    unwrapped = accelerator.unwrap_model(model)
+    # Every process checks its own parameters (or shard) and all learn the verdict, so all stop together.
+    broken = [name for name, p in unwrapped.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    if accelerator.reduce(torch.tensor(float(len(broken)), device=accelerator.device), reduction="sum").item() > 0:
+        raise SystemExit(
+            f"error: parameter {(broken or ['(on another process)'])[0]} holds NaN/inf values at step {step}; this "
+            f"checkpoint is not saved. Last good checkpoint: {(list_checkpoints(output_dir) or ['none yet'])[-1]}."
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
         state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         if accelerator.scaler is not None:
             state["scaler"] = accelerator.scaler.state_dict()
+        if loss_state is not None:
+            state["loss_state"] = dict(loss_state)
         torch.save(state, temporary / "state.pt")
         (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        (temporary / CHECKPOINT_DONE).write_text(json.dumps({"step": step, "processes": accelerator.num_processes}))
+        fsync_tree(temporary)
+        if final.exists():  # only when a run re-saves a step (resumed from an older checkpoint)
+            stale = output_dir / f".checkpoint-{step}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale)
         os.replace(temporary, final)  # rename(2): atomic within one filesystem
-        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        checkpoints = list_checkpoints(output_dir)
         for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -1040,14 +1118,15 @@ def find_checkpoint(args: Args) -> Path:
         if not (path / "state.pt").is_file():
             raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
         return path
-    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    checkpoints = list_checkpoints(Path(args.output_dir))
     if not checkpoints:
-        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no complete checkpoint-* in {args.output_dir}")
     return checkpoints[-1]
 
 
-def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, loss_state: dict | None = None) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from. A stateful loss
+    passes its `loss_state` dict, which is updated in place with the saved values."""
     # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     unwrapped = accelerator.unwrap_model(model)
@@ -1059,10 +1138,49 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sche
     scheduler.load_state_dict(state["scheduler"])
     if "scaler" in state and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
+    if loss_state is not None:
+        if "loss_state" not in state:
+            raise SystemExit(f"error: {path} holds no loss state (running statistics); it was not written by this method's script")
+        loss_state.update(state["loss_state"])
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return int(state["step"])
+
+
+def prepare_output_dir(args: Args, start_step: int) -> None:
+    """Main process, before the first step: create output_dir and make metrics.jsonl match the run.
+
+    A resumed run keeps the rows up to its checkpoint's step and drops later ones (written after that
+    checkpoint by the interrupted run, or cut short by the kill), so the file reads as one uninterrupted
+    run. A fresh run starts an empty file; with --overwrite_output_dir true it also removes the previous
+    run's checkpoints, which `--resume_from_checkpoint latest` would otherwise mistake for its own.
+    """
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = output_dir / "metrics.jsonl"
+    if start_step == 0:
+        if args.overwrite_output_dir:
+            stale = [path for path in output_dir.glob("checkpoint-*") if path.name[len("checkpoint-") :].isdigit()]
+            stale += list(output_dir.glob(".checkpoint-*.tmp"))
+            for path in stale:
+                if path.is_dir():
+                    shutil.rmtree(path)
+        metrics.unlink(missing_ok=True)
+        return
+    if not metrics.is_file():
+        return
+    kept = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+            kept.append(line)
+    temporary = output_dir / ".metrics.jsonl.tmp"
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, metrics)
 
 
 # ==================================================================================================
@@ -1076,11 +1194,37 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def count_tokens(batch: dict) -> int:
+    """Non-padding tokens of a micro-batch (for the tokens/s figure; packed rows count their padding)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+
+
+def stop_if_not_finite(what: str, value: float, step: int, last_checkpoint) -> None:
+    """A NaN or inf stops the run before the optimizer applies it; the newest checkpoint stays good."""
+    if not math.isfinite(value):
+        raise SystemExit(
+            f"error: the {what} became {value} at step {step + 1}; stopped before the update. "
+            f"Last good checkpoint: {last_checkpoint or 'none yet'}. Check the data or start again with a lower "
+            "learning rate (a run resumed with --resume_from_checkpoint keeps the checkpoint's optimizer and schedule)."
+        )
+
+
+def report_data(say, args: Args, count: int, skipped: list[str], noun: str = "training items") -> None:
+    """What was read, and the first bad rows that --skip_bad_rows true left out (each with its file:line)."""
+    say(f"{count} {noun} from {args.dataset}" + (f"; skipped {len(skipped)} bad rows (--skip_bad_rows true)" if skipped else ""))
+    for reason in skipped[:3]:
+        say(f"  skipped {reason}")
+
+
 def check_output_dir(args: Args) -> None:
     """Never mix two runs in one directory by accident."""
     output_dir = Path(args.output_dir)
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"error: output directory {output_dir} exists and is a file")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise SystemExit(
             f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
@@ -1097,12 +1241,13 @@ def global_means(sums: dict[str, float], counts: dict[str, float], accelerator: 
     return {name: (total / count if count else float("nan")) for name, (total, count) in zip(names, totals.tolist())}
 
 
-def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], args: Args, accelerator: Accelerator, context: dict) -> dict:
+def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], args: Args, accelerator: Accelerator, context: dict, step: int, last_checkpoint) -> dict:
     """One update from the step's micro-batches of pairs; returns the step's mean loss and metrics.
 
     The loss is summed over every micro-batch on every process and divided by the global number of pairs
     that carry a preference, so accumulation and data parallelism give exactly the gradient of one big batch.
-    A step without any such pair (every pair tied) makes no update.
+    A step without any such pair (every pair tied) makes no update. `step` (0-based) and `last_checkpoint`
+    only name where a NaN or inf stopped the run.
     """
     local_count = sum(batch["num_items"] for batch in micro_batches)
     global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), reduction="sum").item()
@@ -1122,10 +1267,10 @@ def optimizer_step(model, optimizer, scheduler, micro_batches: list[dict], args:
     totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
     logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
     logs["pairs"] = global_count
-    if not math.isfinite(logs["loss"]):
-        raise SystemExit(f"error: the loss became {logs['loss']}; stopping before the update. Lower the learning rate or check the data.")
+    stop_if_not_finite("loss", logs["loss"], step, last_checkpoint)
     if args.max_grad_norm > 0:
         logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        stop_if_not_finite("gradient norm", logs["grad_norm"], step, last_checkpoint)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -1160,7 +1305,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = load_tokenizer(args)
     items, skipped = build_items(args, tokenizer)
-    say(f"{len(items)} prompts from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    report_data(say, args, len(items), skipped, "training items (prompts)")
     model = load_model(args, accelerator)
     disable_dropout(model)
     # π_ref is the starting model, frozen. It is not wrapped by accelerate: it never needs gradients.
@@ -1171,17 +1316,17 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = make_optimizer(model, args, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     context = {"accelerator": accelerator, "reference": reference}
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    if args.report_to:
-        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
     per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps), num_training_steps=total_steps)
-    start_step = 0
+    start_step, last_checkpoint = 0, None
     if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(args)
-        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
-        say(f"resumed from {checkpoint} at step {start_step}")
+        last_checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(last_checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {last_checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        prepare_output_dir(args, start_step)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
     say(
         f"{total_steps} optimizer steps of {per_step} prompts "
         f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
@@ -1201,12 +1346,12 @@ def main(argv: list[str] | None = None) -> None:
         generated = time.perf_counter()
         # 2. One update on them against the frozen reference.
         model.train()
-        logs = optimizer_step(model, optimizer, scheduler, micro_batches, args, accelerator, context)
+        logs = optimizer_step(model, optimizer, scheduler, micro_batches, args, accelerator, context, step, last_checkpoint)
         logs.update(global_means(sums, counts, accelerator))
         logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], generation_seconds=generated - started, step_seconds=time.perf_counter() - started)
         write_metrics(logs, step + 1, progress, accelerator, args, last=step + 1 == total_steps)
         if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
-            save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+            last_checkpoint = save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
     progress.close()
     save_final(accelerator, model, tokenizer, args)
     if args.report_to:
@@ -1215,15 +1360,30 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
-    """The trained weights in Hugging Face format (the full model)."""
-    final_dir = Path(args.output_dir) / "final"
+    """The trained weights in Hugging Face format (the full model).
+
+    Written to a temporary directory first and renamed to output_dir/final when complete.
+    """
+    final, final_dir = Path(args.output_dir) / "final", Path(args.output_dir) / ".final.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
+    if accelerator.is_main_process:
+        fsync_tree(final_dir)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(final_dir, final)
     accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as error:
+        # Bad training data is the user's to fix: say where, without a traceback.
+        raise SystemExit(f"error: {error}\n(a malformed row stops the run; --skip_bad_rows true skips and counts such rows instead)") from None
