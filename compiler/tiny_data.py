@@ -9,6 +9,10 @@ download. Each generator documents what a model can learn from it:
   another, so a policy can raise the chosen log-ratio over the rejected one (reward accuracy -> 1).
 - math: one-digit sums with the answer in the prompt's own words, for verifiable-reward RL and test-time scaling.
 - steps: step-by-step solutions where a step is labelled wrong exactly when it contains an arithmetic error.
+- sums / sum_solutions: three-term sums of the digits 0-2 as prompts with reference answers, and their worked
+  two-step solutions as chat. A short SFT on the solutions makes the tiny model right only some of the time,
+  which is what test-time scaling (best-of-N, majority vote, PRM beam search) and rejection sampling need;
+  steps are written as in the step-labelled data ("a plus b is s."), so a PRM trained there scores them.
 """
 
 from __future__ import annotations
@@ -114,6 +118,27 @@ def step_rows(n: int = 256, seed: int = 6) -> Iterator[dict[str, Any]]:
         yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
 
 
+def _sum_terms(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randint(0, 2), rng.randint(0, 2), rng.randint(0, 2)
+
+
+def sum_rows(n: int = 256, seed: int = 9) -> Iterator[dict[str, Any]]:
+    """Prompts "What is a plus b plus c?" with the sum as the reference answer (format: prompt)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, c = _sum_terms(rng)
+        yield {"prompt": f"What is {a} plus {b} plus {c}?", "answer": str(a + b + c)}
+
+
+def sum_solution_rows(n: int = 256, seed: int = 10) -> Iterator[dict[str, Any]]:
+    """The same kind of sums solved in two steps separated by a blank line, always correctly (format: chat)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, c = _sum_terms(rng)
+        solution = f"{a} plus {b} is {a + b}.\n\n{a + b} plus {c} is {a + b + c}."
+        yield {"messages": [{"role": "user", "content": f"What is {a} plus {b} plus {c}?"}, {"role": "assistant", "content": solution}]}
+
+
 GENERATORS = {
     "chat.jsonl": chat_rows,
     "instruction.jsonl": instruction_rows,
@@ -122,6 +147,8 @@ GENERATORS = {
     "unpaired.jsonl": unpaired_rows,
     "math.jsonl": math_rows,
     "steps.jsonl": step_rows,
+    "sums.jsonl": sum_rows,
+    "sum_solutions.jsonl": sum_solution_rows,
 }
 
 

@@ -1,0 +1,1108 @@
+"""Rejection-sampling fine-tuning (rejection-sampling-ft): a single-file training script compiled by ptcompile.
+
+Papers:
+    - Scaling Relationship on Learning Mathematical Reasoning with Large Language Models (Yuan et al., 2023), arXiv 2308.01825 [yuan2023scaling]
+    - RAFT: Reward rAnked FineTuning for Generative Foundation Model Alignment (Dong et al., 2023), arXiv 2304.06767 [dong2023raft]
+    - Reinforced Self-Training (ReST) for Language Modeling (Gulcehre et al., 2023), arXiv 2308.08998 [gulcehre2023reinforced]
+
+Objective (No loss equation: SFT cross-entropy on the accepted samples (RFT collects correct, distinct reasoning paths) of yuan2023scaling):
+    D' = { (x, y) : y ~ π_0(·|x), k = num_samples draws per prompt, accept(x, y) (correct answer;
+    distinct; at most keep_top_k per prompt) }; L = -(1/Σ|y|) · Σ_(x,y)∈D' Σ_t log π(y_t | x, y_<t)
+
+Sample several responses per prompt from the current model and keep only those that pass a filter: a
+correct final answer (RFT), the top reward-model score (RAFT), or a reward threshold (ReST). Then
+fine-tune on the kept responses with ordinary cross-entropy. A simple, stable substitute for RL that
+improves the model on its own outputs.
+
+Model:   Qwen2.5-0.5B-Instruct (Qwen/Qwen2.5-0.5B-Instruct), full fine-tuning
+Data:    GSM8K (openai/gsm8k, split train), format "prompt"
+Every hyperparameter in `Args` names its source (paper and section, or common practice and why).
+
+Compiled with:
+    ptcompile rejection-sampling-ft --model qwen2.5-0.5b-instruct
+
+Run:
+    python train_rejection_sampling_ft.py --help
+    python train_rejection_sampling_ft.py                          # one process: a GPU if there is one, else the CPU
+    accelerate launch train_rejection_sampling_ft.py               # data parallel over all GPUs (`accelerate config` for FSDP)
+    python train_rejection_sampling_ft.py --resume_from_checkpoint latest   # continue an interrupted run exactly
+
+Requires: torch, transformers>=5, accelerate, datasets.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+import re
+import sys
+
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import AutoModelForSequenceClassification
+
+
+@dataclass
+class Args:
+    """Every setting of the run. Each field is a command-line flag: --name value (booleans: true/false)."""
+
+    # --- Model and data ------------------------------------------------------------------------------
+    model_name_or_path: str = 'Qwen/Qwen2.5-0.5B-Instruct'
+    """Hub id or local directory of the model (preset 'qwen2.5-0.5b-instruct')."""
+    model_dtype: str = 'float32'
+    """dtype the weights are loaded in: float32, bfloat16 or float16. Full fine-tuning keeps
+    float32 master weights and computes in bf16 through --mixed_precision."""
+    attn_implementation: str = 'sdpa'
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
+    dataset: str = 'openai/gsm8k'
+    """A local .jsonl / .json / .parquet file or a Hub dataset id (preset 'gsm8k')."""
+    dataset_config: str = 'main'
+    """Hub dataset configuration name ('' for none)."""
+    dataset_split: str = 'train'
+    """Hub dataset split."""
+    prompt_column: str = 'question'
+    """Column holding prompt: a string or a list of messages."""
+    answer_column: str = 'answer'
+    """Column holding answer: the reference answer, for verifiable rewards."""
+    answer_format: str = 'gsm8k'
+    """How the answer column is written: plain, gsm8k ('#### 42') or boxed (\\boxed{42})."""
+    reward_model_path: str = ''
+    """The final/ directory of a ptcompile reward model run (AutoModelForSequenceClassification +
+    ptcompile_scorer.json) that scores each sample; '' uses the answer verifier instead (1 when
+    the final answer equals the reference, else 0)."""
+    reward_batch_size: int = 16
+    """Sequences per forward pass of the reward model or PRM."""
+    max_prompts: int = 0
+    """Use only the first N usable prompts of the dataset (0: all)."""
+    output_dir: str = 'runs/rejection-sampling-ft'
+    """Where checkpoints, metrics.jsonl and the final model go."""
+
+    # --- Method hyperparameters: Rejection-sampling fine-tuning --------------------------------------
+    num_samples: int = 100
+    """Responses sampled per prompt (k). More samples find more distinct correct paths but
+    generation cost grows linearly. Typical range: [1, 1000]. Source: yuan2023scaling, RFT k =
+    100: 100 sampled reasoning paths per GSM8K training question (results tables; official code
+    runs 100 sampling seeds)."""
+    temperature: float = 0.7
+    """Sampling temperature; high enough for diverse reasoning paths, low enough that many are
+    still correct. Typical range: [0.0, 2.0]. Source: common practice: Official RFT code
+    (OFA-Sys/gsm8k-ScRel, single_inference_7b_13b.py) samples at temperature 0.7."""
+    max_new_tokens: int = 256
+    """Maximum tokens generated per sample; longer generations are cut and usually fail the answer
+    check. Typical range: [16, 32768]. Source: common practice: Official RFT code
+    (OFA-Sys/gsm8k-ScRel) generates at most 256 new tokens, enough for GSM8K solutions."""
+    deduplicate: bool = True
+    """Keep only distinct reasoning paths per prompt (RFT treats two paths as the same when they
+    contain the same list of equations); duplicates otherwise overweight easy prompts. Source:
+    yuan2023scaling, RFT keeps correct paths with distinct reasoning; official
+    collect_rejection_sampling.py keeps a path only if its equation list is new and every
+    equation checks."""
+    keep_top_k: int = 0
+    """Keep at most this many accepted samples per prompt (1 = RAFT's best-of-k selection); 0 keeps
+    every accepted distinct sample, as RFT does. Typical range: [0, 1000]. Source: common
+    practice: RFT keeps all distinct correct paths (0 here); RAFT keeps the single
+    highest-reward sample per prompt (1)."""
+    reward_threshold: float = 0.0
+    """Only with a reward model (--reward_model_path): accept samples whose reward is at least
+    this. The answer verifier ignores it and accepts exactly the samples with the correct final
+    answer. Typical range: [-1000.0, 1000.0]. Source: common practice: ReST's Improve step
+    filters by a reward threshold; 0 is the neutral point of a Bradley-Terry reward model, so
+    set it from the score distribution of your own reward model."""
+    num_rounds: int = 1
+    """Sample-filter-fine-tune rounds; round r samples from the model that round r-1 trained and
+    fine-tunes it further. Typical range: [1, 100]. Source: common practice: One round as in
+    RFT, which samples once from the SFT model; RAFT and ReST repeat the round several times."""
+
+    # --- Training defaults of the 'rejection-sampling' family ----------------------------------------
+    learning_rate: float = 2e-05
+    """Peak learning rate for the fine-tuning phase. Typical range: [1e-08, 0.01]. Source: common
+    practice: As for SFT."""
+    max_length: int = 1024
+    """Maximum tokens of prompt plus kept completion. Typical range: [16, 1048576]. Source: common
+    practice: Generated completions are bounded by max_new_tokens; 1024 leaves room for the
+    prompt."""
+
+    # --- Optimisation defaults shared by every method ------------------------------------------------
+    seed: int = 42
+    """Seed for initialisation of new parameters, data order and sampling; the same seed reproduces
+    a run. Typical range: [0, 4294967295]. Source: common practice: Any fixed value; 42 is the
+    transformers/TRL default, kept so runs compare."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0). Typical range: [1, 100]. Source:
+    common practice: Post-training rarely needs more than 1-3 epochs; more overfits small
+    corpora."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for num_train_epochs. Typical range: [-1,
+    100000000]. Source: common practice: Epoch-based by default, as in transformers' Trainer."""
+    per_device_train_batch_size: int = 4
+    """Sequences (or pairs, groups) per device per micro-batch. Typical range: [1, 4096]. Source:
+    common practice: Fits a 7-8B model with LoRA or a 1B full fine-tune on one 80 GB GPU at 2k
+    tokens; raise it when memory allows."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed before each optimizer step; effective batch = this x batch size x
+    processes. Typical range: [1, 4096]. Source: common practice: Reaches an effective batch of
+    16 on one GPU; papers report 32-256 (scale this up)."""
+    lr_scheduler_type: str = 'cosine'
+    """Learning-rate schedule after warm-up. One of: linear, cosine, constant,
+    constant_with_warmup. Source: common practice: Cosine decay after a short linear warm-up is
+    the standard fine-tuning schedule."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent linearly warming the learning rate up from 0. Typical
+    range: [0.0, 0.5]. Source: common practice: 3% warm-up is the Alpaca/TRL SFT default; 3-10%
+    is typical."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay, applied to weight matrices only (not biases or norms). Typical
+    range: [0.0, 1.0]. Source: common practice: Fine-tuning recipes (Alpaca, Tulu, TRL) mostly
+    use 0; 0.01-0.1 is also seen."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay. Typical range: [0.0, 0.999]. Source: common practice: PyTorch and
+    transformers AdamW default."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay. Typical range: [0.9, 0.99999]. Source: common practice: PyTorch
+    and transformers AdamW default; 0.95 is common for large-batch pretraining."""
+    adam_epsilon: float = 1e-08
+    """AdamW denominator epsilon. Typical range: [1e-12, 0.0001]. Source: common practice: PyTorch
+    and transformers AdamW default."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping). Typical range: [0.0,
+    1000.0]. Source: common practice: Clipping at 1.0 is the transformers/TRL default and
+    stabilises fine-tuning."""
+
+    # --- Run -----------------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'
+    """auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0: only the final model)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str = ''
+    """'latest' or a checkpoint directory: continue that run exactly."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    report_to: str = ''
+    """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this file, for --help."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {}
+    for node, after in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    docs = field_docstrings(Args)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Args):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default, help=docs.get(f.name, ""))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ==================================================================================================
+# Data: read rows, check them, turn them into token ids
+# ==================================================================================================
+
+
+class DataError(ValueError):
+    """A malformed training row. The message starts with the file and line (or dataset and row)."""
+
+
+def iter_rows(args: Args):
+    """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
+
+    `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    """
+    path = Path(args.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                    yield f"{path}:{line_number}", row
+            return
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects")
+            for index, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {index}: expected a JSON object")
+                yield f"{path} item {index}", row
+            return
+        import datasets  # only needed for Parquet and Hub datasets
+
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for index, row in enumerate(table):
+            yield f"{path} row {index}", row
+        return
+    import datasets
+
+    table = datasets.load_dataset(args.dataset, args.dataset_config or None, split=args.dataset_split)
+    for index, row in enumerate(table):
+        yield f"{args.dataset}[{args.dataset_split}] row {index}", row
+
+
+def column(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (present: {', '.join(sorted(map(str, row))) or 'none'}; map another column with --{name}_column)")
+    return row[name]
+
+
+def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = column(row, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def as_messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A string becomes one message with `role`; a list must already be [{"role": ..., "content": ...}, ...]."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for index, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: field '{name}' item {index}: expected an object with string 'role' and 'content'")
+            messages.append({"role": message["role"], "content": message["content"]})
+        return messages
+    raise DataError(f"{where}: field '{name}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def completion_messages(value, prompt: list[dict], where: str, name: str) -> list[dict]:
+    """A completion is a string or assistant message(s). Datasets such as UltraFeedback repeat the prompt
+    inside the completion's message list; that shared prefix is dropped."""
+    messages = as_messages(value, where, name, role="assistant")
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: field '{name}' must hold the assistant's reply (got roles {[m['role'] for m in messages]})")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return messages
+
+
+class ChatEncoder:
+    """Renders conversations with the tokenizer's own chat template and says which tokens are the model's.
+
+    The assistant's tokens are found by rendering growing prefixes of the conversation: the tokens between
+    the render of messages[:i] (with the generation prompt) and the render of messages[:i+1] are turn i.
+    This needs a template whose render of a prefix is a prefix of the full render; we check it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.ids(prompt, add_generation_prompt=True)
+        full_ids = self.ids(prompt + completion)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+
+    def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
+        ids = self.ids(messages)
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1])
+            if ids[: len(end_ids)] != end_ids:
+                raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
+            labels[start : len(end_ids)] = ids[start : len(end_ids)]
+        return ids, labels
+
+
+def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
+    """Bad rows stop the run with their location, unless --skip_bad_rows true: then they are counted."""
+    if not args.skip_bad_rows:
+        raise error
+    skipped.append(str(error))
+
+
+def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
+    """One (prompt, answer) row -> the prompt's messages, its token ids (with the generation prompt) and
+    the normalised reference answer (read only by the answer verifier)."""
+    prompt = as_messages(column(row, args.prompt_column, where), where, args.prompt_column, role="user")
+    answer = reference_answer(column(row, args.answer_column, where), args.answer_format, where) if args.answer_column in row else None
+    if answer is None and not args.reward_model_path:
+        raise DataError(f"{where}: missing field '{args.answer_column}': the answer verifier needs a reference answer (or pass --reward_model_path)")
+    return {"where": where, "prompt": prompt, "prompt_ids": encoder.ids(prompt, add_generation_prompt=True), "answer": answer}
+
+
+def read_prompts(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    encoder, prompts, skipped = ChatEncoder(tokenizer), [], []
+    for where, row in iter_rows(args):
+        if args.max_prompts and len(prompts) == args.max_prompts:
+            break
+        try:
+            prompts.append(encode_row(row, where, encoder, args))
+        except DataError as error:
+            keep_or_raise(args, error, skipped)
+    if not prompts:
+        raise SystemExit(f"error: no usable prompts in {args.dataset}")
+    return prompts, skipped
+
+
+def training_item(prompt_ids: list[int], completion_ids: list[int], args: Args, where: str) -> dict:
+    """prompt + completion -> {"input_ids", "labels"}: labels are -100 on the prompt (no loss there)."""
+    if len(prompt_ids) >= args.max_length:
+        raise DataError(f"{where}: prompt is {len(prompt_ids)} tokens, not shorter than max_length={args.max_length}")
+    input_ids = (prompt_ids + completion_ids)[: args.max_length]
+    labels = ([-100] * len(prompt_ids) + completion_ids)[: args.max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(items: list[dict], tokenizer, args: Args, device: torch.device) -> dict:
+    """Right-pad a micro-batch; num_items is its number of trained tokens (the loss is a token mean)."""
+    width = max(len(item["input_ids"]) for item in items)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([i["input_ids"] + [pad] * (width - len(i["input_ids"])) for i in items]),
+        "labels": torch.tensor([i["labels"] + [-100] * (width - len(i["labels"])) for i in items]),
+        "attention_mask": torch.tensor([[1] * len(i["input_ids"]) + [0] * (width - len(i["input_ids"])) for i in items]),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    batch["num_items"] = int((batch["labels"][:, 1:] != -100).sum())
+    return batch
+
+
+def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    """The training items are the accepted samples: read the prompts, sample num_samples completions for
+    each, keep what the filter accepts (see rejection_sample). A resumed run reuses the saved samples."""
+    samples_file = Path(args.output_dir) / "samples.jsonl"
+    if args.resume_from_checkpoint and samples_file.is_file():
+        records = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        skipped = []
+    else:
+        prompts, skipped = read_prompts(args, tokenizer)
+        records = rejection_sample(prompts, tokenizer, args)
+    items = []
+    for record in records:
+        for candidate in record["samples"]:
+            if candidate["kept"]:
+                items.append(training_item(record["prompt_ids"], candidate["ids"], args, record["where"]))
+    if not items:
+        raise SystemExit("error: no sample was accepted, so there is nothing to fine-tune on. Sample more (--num_samples), "
+                         "start from a stronger model, or loosen the filter.")
+    return items, skipped
+
+
+# ==================================================================================================
+# Model and tokenizer
+# ==================================================================================================
+
+
+def load_tokenizer(args: Args):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token works; EOS is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
+    """The causal LM (with its PEFT adapters when `trainable`), on this process's device."""
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache only helps generation
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower steps for far less activation memory.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ==================================================================================================
+# Answers: the reference answer of a row, the final answer of a solution, and their comparison
+# ==================================================================================================
+
+
+def reference_answer(value, answer_format: str, where: str) -> str:
+    """The reference answer of a row: `plain` (the value itself), `gsm8k` (after '####') or `boxed` (last \\boxed{})."""
+    text = str(value).strip()
+    if answer_format == "gsm8k":
+        if "####" not in text:
+            raise DataError(f"{where}: answer has no '#### <answer>' line (answer_format gsm8k)")
+        text = text.rsplit("####", 1)[1]
+    elif answer_format == "boxed":
+        boxed = last_boxed(text)
+        if boxed is None:
+            raise DataError(f"{where}: answer has no " + "\\boxed{...} (answer_format boxed)")
+        text = boxed
+    elif answer_format != "plain":
+        raise SystemExit(f"error: --answer_format must be plain, gsm8k or boxed, not {answer_format!r}")
+    answer = normalise_answer(text)
+    if not answer:
+        raise DataError(f"{where}: empty reference answer")
+    return answer
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} in `text` (braces may nest), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for position in range(begin, len(text)):
+        if text[position] == "{":
+            depth += 1
+        elif text[position] == "}":
+            if depth == 0:
+                return text[begin:position]
+            depth -= 1
+    return None
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalise_answer(text: str) -> str:
+    """Canonical form for comparison: numbers lose thousands separators, '$', trailing zeros and a final '.'."""
+    text = text.strip().strip("$").strip().rstrip(".").strip()
+    match = NUMBER.fullmatch(text)
+    if match:
+        number = text.replace(",", "")
+        if "." in number:
+            number = number.rstrip("0").rstrip(".")
+        return "0" if number in ("-0", "") else number
+    return " ".join(text.split())
+
+
+def extract_answer(solution: str) -> str | None:
+    """A solution's final answer: the last \\boxed{...}, else what follows the last '####', else the last
+    number in the text; None when there is none (such a solution gets no vote and is never correct)."""
+    boxed = last_boxed(solution)
+    if boxed is not None:
+        return normalise_answer(boxed) or None
+    if "####" in solution:
+        return normalise_answer(solution.rsplit("####", 1)[1].strip().split("\n")[0]) or None
+    numbers = NUMBER.findall(solution)
+    return normalise_answer(numbers[-1]) if numbers else None
+
+
+# ==================================================================================================
+# Sampling
+# ==================================================================================================
+
+
+def prompt_seed(seed: int, *keys: int) -> int:
+    """A seed for one prompt (and budget): samples depend on (seed, prompt index), not on the batch or
+    on how many processes share the prompts, so 1 and N processes produce the same samples."""
+    value = seed
+    for key in keys:
+        value = (value * 1_000_003 + key) % 2**32
+    return value
+
+
+def end_token_ids(model, tokenizer) -> set[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the model's generation EOS (may be a list)."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prefix_ids: list[int], n: int, args: Args, max_new_tokens: int, stop: str | None = None) -> list[dict]:
+    """n sampled continuations of one token sequence, as {"ids", "text", "end"}.
+
+    end is "eos" (the reply is complete), "stop" (the text reached `stop`, e.g. the end of a reasoning step)
+    or "length" (max_new_tokens ran out). The sampling distribution is exactly temperature + top-k: the
+    model's own generation_config may carry other defaults (top_p, repetition_penalty), which are switched off.
+    """
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prefix_ids] * n, device=device)
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+        stop_strings=[stop] if stop else None,
+        tokenizer=tokenizer if stop else None,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    ends = end_token_ids(model, tokenizer)
+    results = []
+    for row in output[:, len(prefix_ids) :].tolist():
+        # Finished rows are padded to the batch's length: cut after the first end token (it belongs to the
+        # reply), or after the token that completes the stop text.
+        end, cut = "length", len(row)
+        first_end = next((position for position, token in enumerate(row) if token in ends), None)
+        if first_end is not None:
+            end, cut = "eos", first_end + 1
+        if stop and stop in tokenizer.decode(row[:cut]):
+            low, high = 1, cut  # the shortest prefix that contains the stop text (containment is monotone)
+            while low < high:
+                middle = (low + high) // 2
+                low, high = (low, middle) if stop in tokenizer.decode(row[:middle]) else (middle + 1, high)
+            end, cut = "stop", low
+        ids = row[:cut]
+        results.append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "end": end})
+    return results
+
+
+# ==================================================================================================
+# Scorers: reward models and process reward models written by ptcompile (final/ + ptcompile_scorer.json)
+# ==================================================================================================
+
+
+def read_scorer_card(path: str, kind: str) -> dict:
+    """The scorer card of a model directory; it must describe a scorer of this kind."""
+    card_file = Path(path) / "ptcompile_scorer.json"
+    if not card_file.is_file():
+        raise SystemExit(f"error: {path} has no ptcompile_scorer.json: pass the final/ directory of a ptcompile {kind.replace('_', ' ')} model run")
+    card = json.loads(card_file.read_text())
+    if card.get("kind") != kind:
+        raise SystemExit(f"error: {card_file} describes a '{card.get('kind')}' scorer, not a '{kind}' one")
+    return card
+
+
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return ids, mask
+
+
+class RewardModel:
+    """An outcome reward model: one scalar per (prompt, response).
+
+    Follows its scorer card ("input": "chat_template", "read": "last_non_pad_token"): the conversation
+    prompt + response in the reward model's chat template; the score is logits[:, 0], which the
+    sequence-classification head reads at each row's last non-pad token.
+    """
+
+    def __init__(self, path: str, device: torch.device, batch_size: int):
+        card = read_scorer_card(path, "reward")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=card.get("num_labels", 1)).to(device).eval().requires_grad_(False)
+        self.pad_id = card.get("pad_token_id", self.tokenizer.pad_token_id)
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.model.config.pad_token_id = self.pad_id
+        self.device, self.batch_size = device, batch_size
+
+    @torch.no_grad()
+    def score(self, prompt: list[dict], responses: list[str]) -> list[float]:
+        rows = []
+        for response in responses:
+            text = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            ids, mask = right_pad(rows[start : start + self.batch_size], self.pad_id, self.device)
+            scores += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+        return scores
+
+
+# ==================================================================================================
+# Rejection sampling: sample, score, filter
+# ==================================================================================================
+
+
+def reasoning_signature(text: str) -> tuple:
+    """What makes two reasoning paths 'the same' for deduplication. RFT compares the list of equations a
+    path computes; GSM8K-style solutions carry them as calculator annotations <<48/2=24>>, used when present.
+    Otherwise (our approximation) the sequence of numbers the path writes."""
+    equations = re.findall(r"<<([^<>]*)>>", text)
+    if equations:
+        return tuple(equation.replace(" ", "") for equation in equations)
+    return tuple(number.replace(",", "") for number in NUMBER.findall(text))
+
+
+def score_samples(reward_model, prompt: dict, samples: list[dict]) -> list[float]:
+    """The filter's score of each sample: the reward model's, or without one the answer verifier's
+    (1.0 when the final answer equals the reference, else 0.0)."""
+    if reward_model is not None:
+        return reward_model.score(prompt["prompt"], [candidate["text"] for candidate in samples])
+    return [1.0 if candidate["correct"] else 0.0 for candidate in samples]
+
+
+def select_samples(samples: list[dict], args: Args, with_reward_model: bool) -> list[int]:
+    """Which samples of one prompt become training data (the accept(x, y) of D' in the objective):
+
+      1. accept: the verifier's score is 1 (a correct final answer), or the reward is >= reward_threshold;
+         a sample cut off by max_new_tokens is never accepted (it would teach the model not to stop);
+      2. rank the accepted samples by score, best first (ties: sampling order);
+      3. deduplicate (if enabled): keep only the first sample of each reasoning signature (RFT);
+      4. keep at most keep_top_k of them (0: all; 1: RAFT's best-of-k).
+
+    Sets candidate["accepted"] and returns the kept indices.
+    """
+    for candidate in samples:
+        passes = candidate["score"] >= args.reward_threshold if with_reward_model else candidate["score"] == 1.0
+        candidate["accepted"] = passes and candidate["end"] != "length"
+    accepted = sorted((i for i, c in enumerate(samples) if c["accepted"]), key=lambda i: (-samples[i]["score"], i))
+    if args.deduplicate:
+        seen, distinct = set(), []
+        for i in accepted:
+            signature = reasoning_signature(samples[i]["text"])
+            if signature not in seen:
+                seen.add(signature)
+                distinct.append(i)
+        accepted = distinct
+    return accepted[: args.keep_top_k] if args.keep_top_k > 0 else accepted
+
+
+def sampling_model(args: Args, state):
+    """A frozen copy of the starting model for generation, in bf16 where the training computes in bf16.
+    It is freed before training starts, so it never shares memory with the model being trained."""
+    load_args = args
+    if resolve_mixed_precision(args.mixed_precision) == "bf16" and args.model_dtype == "float32":
+        load_args = dataclasses.replace(args, model_dtype="bfloat16")
+    return load_model(load_args, state, trainable=False).to(state.device)
+
+
+def release_memory() -> None:
+    """Return the memory of models the caller has just deleted (`del model`) to the accelerator."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def rejection_sample(prompts: list[dict], tokenizer, args: Args) -> list[dict]:
+    """Sample num_samples completions per prompt with the starting model, score and filter them.
+
+    Processes share the prompts and every prompt has its own seed, so the samples (and the training data)
+    do not depend on the number of processes. Writes output_dir/samples.jsonl (every sample, its score and
+    whether it was kept) and output_dir/sampling.json (acceptance statistics).
+    """
+    state = PartialState()
+    model = sampling_model(args, state)
+    reward_model = RewardModel(args.reward_model_path, state.device, args.reward_batch_size) if args.reward_model_path else None
+    records = []
+    mine = range(state.process_index, len(prompts), state.num_processes)
+    for index in tqdm(mine, desc="sampling", disable=not state.is_local_main_process):
+        prompt = prompts[index]
+        set_seed(prompt_seed(args.seed, index))
+        samples = sample(model, tokenizer, prompt["prompt_ids"], args.num_samples, args, args.max_new_tokens)
+        for candidate in samples:
+            candidate["answer"] = extract_answer(candidate["text"])
+            candidate["correct"] = prompt["answer"] is not None and candidate["answer"] == prompt["answer"]
+        for candidate, score in zip(samples, score_samples(reward_model, prompt, samples)):
+            candidate["score"] = score
+        kept = set(select_samples(samples, args, reward_model is not None))
+        for position, candidate in enumerate(samples):
+            candidate["kept"] = position in kept
+        records.append({"index": index, "where": prompt["where"], "prompt": prompt["prompt"], "prompt_ids": prompt["prompt_ids"], "reference": prompt["answer"], "samples": samples})
+    del model, reward_model
+    release_memory()
+    records = sorted(gather_object(records), key=lambda record: record["index"])
+    summary = sampling_summary(records)
+    if state.is_main_process:
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / "samples.jsonl").open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        (output_dir / "sampling.json").write_text(json.dumps(summary, indent=2))
+        print(
+            f"sampled {summary['samples']} completions for {summary['prompts']} prompts: {summary['correct_rate']:.1%} correct, "
+            f"{summary['accepted_rate']:.1%} accepted, {summary['kept']} kept for training "
+            f"({summary['prompts_with_kept']} prompts have at least one)"
+        )
+    state.wait_for_everyone()
+    return records
+
+
+def sampling_summary(records: list[dict]) -> dict:
+    samples = [candidate for record in records for candidate in record["samples"]]
+    return {
+        "prompts": len(records),
+        "samples": len(samples),
+        "correct_rate": sum(c["correct"] for c in samples) / len(samples),
+        "accepted_rate": sum(c["accepted"] for c in samples) / len(samples),
+        "kept": sum(c["kept"] for c in samples),
+        "prompts_with_kept": sum(any(c["kept"] for c in record["samples"]) for record in records),
+        "mean_score": sum(c["score"] for c in samples) / len(samples),
+    }
+
+
+# ==================================================================================================
+# Loss: supervised fine-tuning on the generated completions
+# ==================================================================================================
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the trained (label != -100) tokens.
+
+        L_SFT = -(1 / N) * sum_i sum_t log p_theta(y_i,t | x_i, y_i,<t)
+
+    with N the number of trained tokens in the whole optimizer step (Ouyang et al. 2022, Sec. 3.5; the usual
+    token-level mean). This function returns the sum; the training loop divides by N across micro-batches
+    and processes, so every token weighs the same however the batch is split.
+    """
+    vocab = logits.size(-1)
+    # Position t predicts token t+1.
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
+    """Summed loss of one micro-batch (the loop divides by the step's global token count)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss_sum = causal_lm_loss(logits, batch["labels"])
+    return loss_sum, {}
+
+
+# ==================================================================================================
+# Optimiser and schedule
+# ==================================================================================================
+
+
+def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norm gains hurts fine-tuning."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+
+
+def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
+    """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
+        )
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return per_step, steps_per_epoch, total
+
+
+def step_indices(step: int, num_items: int, per_step: int, steps_per_epoch: int, args: Args, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of item indices) for optimizer step `step`.
+
+    The order is a seeded permutation per epoch, so it depends only on (seed, step): a resumed run sees
+    exactly the items the uninterrupted run would have. Each process takes a contiguous slice of the
+    step's items, so the union over processes is the same global batch whatever the process count.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    items = order[offset * per_step : (offset + 1) * per_step]
+    share = per_step // world
+    mine = items[rank * share : (rank + 1) * share]
+    size = args.per_device_train_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+# ==================================================================================================
+# Checkpoints: atomic saves, exact resume
+# ==================================================================================================
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+
+    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
+    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
+    PEFT that is the adapter, not the frozen base model).
+    """
+    output_dir = Path(args.output_dir)
+    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, temporary / "state.pt")
+        (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)  # rename(2): atomic within one filesystem
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "state.pt").is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+    # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise SystemExit(f"error: {path} does not match this model (unexpected {unexpected[:3]}, missing {sorted(trainable & set(missing))[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ==================================================================================================
+# Training loop
+# ==================================================================================================
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_output_dir(args: Args) -> None:
+    """Never mix two runs in one directory by accident."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SystemExit(
+            f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
+            "to continue that run, --overwrite_output_dir true to write into it anyway, or another --output_dir."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to or None,
+        # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU box) only form a gloo
+        # process group when accelerate is told to use the CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    accelerator.wait_for_everyone()  # every process has checked the output directory before anyone writes to it
+    set_seed(args.seed)  # same seed on every process: identical initial adapter weights and data order
+    output_dir = Path(args.output_dir)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args)
+    items, skipped = build_items(args, tokenizer)
+    say(f"{len(items)} training items from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
+    model = load_model(args, accelerator)
+    context: dict = {}
+    optimizer = make_optimizer(model, args, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule is built on the prepared optimiser but not passed to prepare(): accelerate would step it
+    # once per process, and then 1 and N processes would follow different learning-rate curves.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
+    say(
+        f"{total_steps} optimizer steps of {per_step} items "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+    )
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    last_checkpoint = None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        micro_batches = [
+            collate([items[i] for i in indices], tokenizer, args, accelerator.device)
+            for indices in step_indices(step, len(items), per_step, steps_per_epoch, args, accelerator.process_index, accelerator.num_processes)
+        ]
+        # The loss of a step is a sum over all its micro-batches on all processes divided by the global number
+        # of trained tokens, so accumulation and data parallelism give exactly the gradient of one big batch.
+        local_count = sum(batch["num_items"] for batch in micro_batches)
+        global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), reduction="sum").item()
+        sums: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            is_last = index == len(micro_batches) - 1
+            with nullcontext() if is_last else accelerator.no_sync(model):
+                loss_sum, metrics = compute_loss(model, batch, args, context)
+                # DDP averages gradients over processes; multiplying by their number turns that into a sum.
+                accelerator.backward(loss_sum * accelerator.num_processes / global_count)
+            for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+        names = sorted(sums)
+        totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
+        logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
+        if not math.isfinite(logs["loss"]):
+            raise SystemExit(
+                f"error: the loss became {logs['loss']} at step {step + 1}; stopping before the update. "
+                f"Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or check the data."
+            )
+        if args.max_grad_norm > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
+        progress.update(1)
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "learning_rate",)})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(logs) + "\n")
+            if args.report_to:
+                accelerator.log(logs, step=step + 1)
+        if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            last_checkpoint = save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+    progress.close()
+    save_final(accelerator, model, tokenizer, args)
+    if args.report_to:
+        accelerator.end_training()
+    say(f"done: {output_dir / 'final'}")
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
+    """The trained weights in Hugging Face format (the full model)."""
+    final_dir = Path(args.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+
+
+def run_rounds(argv: list[str] | None = None) -> None:
+    """num_rounds rounds of sample -> filter -> fine-tune. Round r is a complete run of main() in
+    output_dir/round-r that starts from the model round r-1 saved (one round: main() in output_dir).
+    Rounds already finished (their final/ exists) are skipped, so --resume_from_checkpoint latest
+    continues a multi-round run where it stopped."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.num_rounds == 1:
+        return main(argv)
+    check_output_dir(args)
+    model_path = args.model_name_or_path
+    for round_index in range(1, args.num_rounds + 1):
+        round_dir = Path(args.output_dir) / f"round-{round_index}"
+        if not (round_dir / "final").is_dir():
+            resume = args.resume_from_checkpoint if any(round_dir.glob("checkpoint-*")) or (round_dir / "samples.jsonl").is_file() else ""
+            main(
+                argv
+                + ["--model_name_or_path", model_path, "--output_dir", str(round_dir), "--seed", str(args.seed + round_index - 1)]
+                + ["--resume_from_checkpoint", resume, "--num_rounds", "1"]
+            )
+            release_memory()
+        model_path = str(round_dir / "final")
+    print(f"done: {args.num_rounds} rounds; the final model is {model_path}")
+
+
+if __name__ == "__main__":
+    run_rounds()
