@@ -585,7 +585,7 @@ def revise(prompt: list[dict], principles: list[dict], reply) -> dict:
     for principle in principles:
         conversation = prompt + [{"role": "assistant", "content": current}, {"role": "user", "content": principle["critique"]}]
         critique = reply(conversation)
-        conversation += [{"role": "assistant", "content": critique}, {"role": "user", "content": principle["revision"]}]
+        conversation = conversation + [{"role": "assistant", "content": critique}, {"role": "user", "content": principle["revision"]}]
         current = reply(conversation)
         steps.append({"principle": principle["name"], "critique": critique, "revision": current})
     return {"prompt": prompt, "response": response, "steps": steps, "revisions": [step["revision"] for step in steps]}

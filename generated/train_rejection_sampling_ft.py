@@ -1082,8 +1082,8 @@ def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
 def run_rounds(argv: list[str] | None = None) -> None:
     """num_rounds rounds of sample -> filter -> fine-tune. Round r is a complete run of main() in
     output_dir/round-r that starts from the model round r-1 saved (one round: main() in output_dir).
-    Rounds already finished (their final/ exists) are skipped, so --resume_from_checkpoint latest
-    continues a multi-round run where it stopped."""
+    With --resume_from_checkpoint latest, rounds already finished (their final/ exists) are skipped and the
+    run continues where it stopped."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.num_rounds == 1:
@@ -1092,7 +1092,7 @@ def run_rounds(argv: list[str] | None = None) -> None:
     model_path = args.model_name_or_path
     for round_index in range(1, args.num_rounds + 1):
         round_dir = Path(args.output_dir) / f"round-{round_index}"
-        if not (round_dir / "final").is_dir():
+        if not (args.resume_from_checkpoint and (round_dir / "final").is_dir()):
             resume = args.resume_from_checkpoint if any(round_dir.glob("checkpoint-*")) or (round_dir / "samples.jsonl").is_file() else ""
             main(
                 argv

@@ -122,3 +122,15 @@ def load_script_module(path: Path, name: str | None = None):
     sys.modules[name] = module  # inspect.getsource (used for --help texts) looks the module up here
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def tiny_sum_solver(kb, tiny, tmp_path_factory) -> Path:
+    """The tiny model after 60 SFT steps on worked solutions of three-term sums (bundled sum_solutions.jsonl),
+    trained by the generated SFT script: it solves the bundled sums.jsonl prompts about half of the time at
+    temperature 1, which test-time scaling and rejection sampling need (something to select, something to gain)."""
+    workdir = tmp_path_factory.mktemp("sum-solver")
+    args = tiny_args(kb, "sft", tiny) + FAST + ["--dataset", str(tiny / "data" / "sum_solutions.jsonl"), "--output_dir", str(workdir / "run")]
+    args += ["--max_steps", "60", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16"]
+    run_script(generated_script("sft"), args, cwd=workdir)
+    return workdir / "run" / "final"
