@@ -33,6 +33,44 @@ class RuntimeField:
     doc: str
 
 
+ROLLOUT_FAMILIES = {"policy-gradient"}
+"""Families whose scripts include templates/common/rollout.py.j2 (generation with the policy); they get the
+rollout run fields below. A family that starts including the partial adds itself here."""
+
+REWARD_FAMILIES = {"policy-gradient"}
+"""Families whose scripts include templates/common/rewards.py.j2; they get the fields of their reward source
+(the recipe's `reward` hyperparameter)."""
+
+
+def rollout_fields(recipe: Recipe) -> list[RuntimeField]:
+    return [
+        RuntimeField("use_vllm", "bool", False, "Generate with vLLM (must be installed; one engine per GPU, weights copied in before each generation) instead of transformers' generate."),
+        RuntimeField("vllm_gpu_memory_utilization", "float", 0.3, "Fraction of each GPU's memory vLLM may take for its weights and KV cache (--use_vllm true)."),
+    ]
+
+
+def reward_fields(recipe: Recipe) -> list[RuntimeField]:
+    kind = recipe.hp("reward") if recipe.has("reward") else "math"
+    if kind == "math_format":
+        return [
+            RuntimeField("format_pattern", "str", r"<think>.*?</think>\s*<answer>.*?</answer>", "Regular expression the whole completion must match for the format bonus (default: reasoning in <think> tags, then the answer in <answer> tags)."),
+            RuntimeField("format_weight", "float", 1.0, "Reward added when the completion matches format_pattern (on top of 1.0 for a correct answer)."),
+        ]
+    if kind == "code":
+        return [
+            RuntimeField("code_timeout", "float", 10.0, "Seconds a completion's program and its unit tests (the answer column) may run."),
+            RuntimeField("code_memory_mb", "int", 1024, "Address-space limit of the test process, in MiB."),
+        ]
+    if kind == "model":
+        return [
+            RuntimeField("reward_model_path", "str", "runs/reward-model/final", "Directory written by a ptcompile reward-model script (AutoModelForSequenceClassification + ptcompile_scorer.json)."),
+            RuntimeField("reward_batch_size", "int", 16, "Completions scored per reward-model forward pass."),
+        ]
+    if kind == "judge":
+        return [RuntimeField("judge_model_path", "str", "Qwen/Qwen2.5-7B-Instruct", "Hub id or directory of the instruction-tuned causal LM that judges completions.")]
+    return []
+
+
 def dataset_location(recipe: Recipe) -> tuple[str, str, str]:
     dataset = recipe.dataset
     if dataset.embedded:
@@ -74,6 +112,8 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         model_fields.append(
             RuntimeField("target_modules", "str", ",".join(recipe.model.lora_target_modules), f"Comma-separated linear layers that get adapters (the '{recipe.model.id}' preset's attention and MLP projections).")
         )
+    if recipe.family in REWARD_FAMILIES:
+        model_fields += reward_fields(recipe)
     model_fields.append(RuntimeField("output_dir", "str", f"runs/{recipe.method.id}", "Where checkpoints, metrics.jsonl and the final model go."))
 
     run_fields = [
@@ -87,6 +127,8 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         RuntimeField("skip_bad_rows", "bool", False, "Skip and count malformed rows instead of stopping at the first one."),
         RuntimeField("report_to", "str", "", "Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."),
     ]
+    if recipe.family in ROLLOUT_FAMILIES:
+        run_fields += rollout_fields(recipe)
     if recipe.peft is not None and not recipe.peft.quantized:
         run_fields.append(RuntimeField("merge_adapter", "bool", False, "Merge the adapter into the base weights before the final save."))
     model_fields, run_fields = _family_fields(recipe, model_fields, run_fields)
