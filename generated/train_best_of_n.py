@@ -49,10 +49,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 import re
-from collections import Counter, defaultdict
+from fractions import Fraction
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from accelerate.utils import gather_object
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 
 @dataclass
@@ -301,7 +301,9 @@ def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
     """One (prompt, answer) row -> the prompt's messages and token ids (with the generation prompt) and the
     normalised reference answer."""
     prompt = as_messages(column(row, args.prompt_column, where), where, args.prompt_column, role="user")
-    answer = reference_answer(column(row, args.answer_column, where), args.answer_format, where)
+    answer = reference_answer(str(column(row, args.answer_column, where)), args.answer_format)
+    if not answer:
+        raise DataError(f"{where}: empty reference answer in field '{args.answer_column}' (answer_format {args.answer_format})")
     prompt_ids = encoder.ids(prompt, add_generation_prompt=True)
     # Long prompts lose their beginning (the question usually comes last).
     return {"where": where, "prompt": prompt, "prompt_ids": prompt_ids[-args.max_prompt_length :], "answer": answer}
@@ -352,195 +354,366 @@ def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
 
 
 # ==================================================================================================
-# Answers: the reference answer of a row, the final answer of a solution, and their comparison
+# Rollouts: sample completions with the policy, mark their ends, score their tokens
 # ==================================================================================================
 
 
-def reference_answer(value, answer_format: str, where: str) -> str:
-    """The reference answer of a row: `plain` (the value itself), `gsm8k` (after '####') or `boxed` (last \\boxed{})."""
-    text = str(value).strip()
-    if answer_format == "gsm8k":
-        if "####" not in text:
-            raise DataError(f"{where}: answer has no '#### <answer>' line (answer_format gsm8k)")
-        text = text.rsplit("####", 1)[1]
-    elif answer_format == "boxed":
-        boxed = last_boxed(text)
-        if boxed is None:
-            raise DataError(f"{where}: answer has no " + "\\boxed{...} (answer_format boxed)")
-        text = boxed
-    elif answer_format != "plain":
-        raise SystemExit(f"error: --answer_format must be plain, gsm8k or boxed, not {answer_format!r}")
-    answer = normalise_answer(text)
-    if not answer:
-        raise DataError(f"{where}: empty reference answer")
-    return answer
-
-
-def last_boxed(text: str) -> str | None:
-    """The contents of the last \\boxed{...} in `text` (braces may nest), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, begin = 0, start + len("\\boxed{")
-    for position in range(begin, len(text)):
-        if text[position] == "{":
-            depth += 1
-        elif text[position] == "}":
-            if depth == 0:
-                return text[begin:position]
-            depth -= 1
-    return None
-
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def normalise_answer(text: str) -> str:
-    """Canonical form for comparison: numbers lose thousands separators, '$', trailing zeros and a final '.'."""
-    text = text.strip().strip("$").strip().rstrip(".").strip()
-    match = NUMBER.fullmatch(text)
-    if match:
-        number = text.replace(",", "")
-        if "." in number:
-            number = number.rstrip("0").rstrip(".")
-        return "0" if number in ("-0", "") else number
-    return " ".join(text.split())
-
-
-def extract_answer(solution: str) -> str | None:
-    """A solution's final answer: the last \\boxed{...}, else what follows the last '####', else the last
-    number in the text; None when there is none (such a solution gets no vote and is never correct)."""
-    boxed = last_boxed(solution)
-    if boxed is not None:
-        return normalise_answer(boxed) or None
-    if "####" in solution:
-        return normalise_answer(solution.rsplit("####", 1)[1].strip().split("\n")[0]) or None
-    numbers = NUMBER.findall(solution)
-    return normalise_answer(numbers[-1]) if numbers else None
-
-
-# ==================================================================================================
-# Sampling
-# ==================================================================================================
-
-
-def prompt_seed(seed: int, *keys: int) -> int:
-    """A seed for one prompt (and budget): samples depend on (seed, prompt index), not on the batch or
-    on how many processes share the prompts, so 1 and N processes produce the same samples."""
-    value = seed
-    for key in keys:
-        value = (value * 1_000_003 + key) % 2**32
-    return value
-
-
-def end_token_ids(model, tokenizer) -> set[int]:
-    """Every token that ends a reply: the tokenizer's EOS and the model's generation EOS (may be a list)."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return ids | {tokenizer.eos_token_id}
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prefix_ids: list[int], n: int, args: Args, max_new_tokens: int, stop: str | None = None) -> list[dict]:
-    """n sampled continuations of one token sequence, as {"ids", "text", "end"}.
-
-    end is "eos" (the reply is complete), "stop" (the text reached `stop`, e.g. the end of a reasoning step)
-    or "length" (max_new_tokens ran out). The sampling distribution is exactly temperature + top-k: the
-    model's own generation_config may carry other defaults (top_p, repetition_penalty), which are switched off.
-    """
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prefix_ids] * n, device=device)
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=True,
-        temperature=args.temperature,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        max_new_tokens=max_new_tokens,
-        stop_strings=[stop] if stop else None,
-        tokenizer=tokenizer if stop else None,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-    ends = end_token_ids(model, tokenizer)
-    results = []
-    for row in output[:, len(prefix_ids) :].tolist():
-        # Finished rows are padded to the batch's length: cut after the first end token (it belongs to the
-        # reply), or after the token that completes the stop text.
-        end, cut = "length", len(row)
-        first_end = next((position for position, token in enumerate(row) if token in ends), None)
-        if first_end is not None:
-            end, cut = "eos", first_end + 1
-        if stop and stop in tokenizer.decode(row[:cut]):
-            low, high = 1, cut  # the shortest prefix that contains the stop text (containment is monotone)
-            while low < high:
-                middle = (low + high) // 2
-                low, high = (low, middle) if stop in tokenizer.decode(row[:middle]) else (middle + 1, high)
-            end, cut = "stop", low
-        ids = row[:cut]
-        results.append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "end": end})
-    return results
-
-
-# ==================================================================================================
-# Scorers: reward models and process reward models written by ptcompile (final/ + ptcompile_scorer.json)
-# ==================================================================================================
-
-
-def read_scorer_card(path: str, kind: str) -> dict:
-    """The scorer card of a model directory; it must describe a scorer of this kind."""
-    card_file = Path(path) / "ptcompile_scorer.json"
-    if not card_file.is_file():
-        raise SystemExit(f"error: {path} has no ptcompile_scorer.json: pass the final/ directory of a ptcompile {kind.replace('_', ' ')} model run")
-    card = json.loads(card_file.read_text())
-    if card.get("kind") != kind:
-        raise SystemExit(f"error: {card_file} describes a '{card.get('kind')}' scorer, not a '{kind}' one")
-    return card
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left (generation appends on the right), and their attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    return ids, mask
 
 
 def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
+    width = max(1, max(len(row) for row in rows))
     ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
     return ids, mask
 
 
-class RewardModel:
-    """An outcome reward model: one scalar per (prompt, response).
+_MASK64 = (1 << 64) - 1
 
-    Follows its scorer card ("input": "chat_template", "read": "last_non_pad_token"): the conversation
-    prompt + response in the reward model's chat template; the score is logits[:, 0], which the
-    sequence-classification head reads at each row's last non-pad token.
+
+def stream_seed(*parts: int) -> int:
+    """A 64-bit seed that depends only on `parts` (e.g. run seed, step, global completion index).
+
+    Folds the parts through the splitmix64 finaliser. Every completion gets its own random stream named by
+    where it sits in the run, not by which process or batch generates it: one process or eight, any batch
+    size, an interrupted and resumed run, all sample exactly the same completions.
+    """
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers with full avalanche (the 'lowbias32' constants of Wellons' hash prospector)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] uniform numbers in (0, 1), a pure function of (row seed, position, token id).
+
+    A counter-based generator: nothing is stateful, so the numbers a completion sees never depend on the
+    other rows of the batch. `seeds` holds one 64-bit seed per row, split into two 32-bit keys.
+    """
+    key_low, key_high = seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF
+    row = _hash32(_hash32(key_low ^ _hash32(torch.full_like(key_low, position))) ^ key_high)
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    bits = _hash32(_hash32(row[:, None] ^ tokens[None, :]) ^ key_low[:, None])
+    return (bits.double() + 0.5) / 4294967296.0
+
+
+class SeededSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling from softmax(logits / temperature), nucleus-truncated.
+
+    Gumbel-max: argmax_v(logit_v / T + g_v) with g_v = -log(-log u_v), u_v ~ U(0, 1) i.i.d., is a draw from
+    softmax(logit / T). Tokens outside the top-p nucleus get -inf first, so the draw is from the renormalised
+    nucleus, as with top-p sampling. The u_v come from counter_uniform, keyed by each row's seed. With
+    top_k > 0 only the k most likely tokens (and any tied with the k-th) can be drawn; top-k is applied
+    before top-p, as transformers does.
     """
 
-    def __init__(self, path: str, device: torch.device, batch_size: int):
-        card = read_scorer_card(path, "reward")
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float, top_k: int = 0):
+        self.seeds, self.prompt_width, self.temperature, self.top_p, self.top_k = seeds, prompt_width, temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p (always >= 1 token).
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+            drop_sorted = before >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        uniform = counter_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(scores.dtype)
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one row per requested prompt (in the order given)."""
+
+    prompt_ids: list[list[int]]
+    """Each row's prompt tokens (unpadded)."""
+    completion_ids: list[list[int]]
+    """Each row's completion tokens up to and including its first end-of-sequence token; nothing after it."""
+    truncated: list[bool]
+    """True where generation hit max_new_tokens before any end-of-sequence token."""
+    texts: list[str]
+    """Each completion decoded without special tokens (what rewards and judges read)."""
+    stopped: list[bool] = dataclasses.field(default_factory=list)
+    """With a stop string: True where the row ended at it (the row is cut right after it). Empty otherwise."""
+
+
+def end_of_sequence_ids(tokenizer, model) -> set[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def cut_at_end(rows: list[list[int]], eos_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """Keep each row up to and including its first EOS. Rows without one are flagged as truncated."""
+    kept, truncated = [], []
+    for row in rows:
+        end = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        kept.append(row if end is None else row[: end + 1])
+        truncated.append(end is None)
+    return kept, truncated
+
+
+def cut_at_stop(rows: list[list[int]], stop: str, tokenizer) -> tuple[list[list[int]], list[bool]]:
+    """Cut each row right after the token that completes the first occurrence of `stop` in its text; rows
+    without it are kept whole. (The shortest such prefix is found by bisection: containment is monotone.)"""
+    kept, stopped = [], []
+    for row in rows:
+        if stop not in tokenizer.decode(row):
+            kept.append(row)
+            stopped.append(False)
+            continue
+        low, high = 1, len(row)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if stop in tokenizer.decode(row[:middle]) else (middle + 1, high)
+        kept.append(row[:low])
+        stopped.append(True)
+    return kept, stopped
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    seeds: list[int],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    greedy: bool = False,
+    accelerator: Accelerator,
+    vllm=None,
+    top_k: int = 0,
+    stop: str | None = None,
+) -> Rollout:
+    """Generate one completion per entry of `prompts` (token lists), batched with left padding.
+
+    `seeds[i]` names row i's random stream (see stream_seed); with greedy=True the most likely token is
+    taken at every step and the seeds are unused. With a VLLMGenerator the same seeds go to vLLM's
+    per-request sampler instead (vLLM draws differently from transformers, so runs are reproducible with
+    either engine, not across the two). top_k > 0 restricts sampling to the k most likely tokens; a `stop`
+    string ends a row where its text first contains it (Rollout.stopped), e.g. at the end of a reasoning step.
+    """
+    eos_ids = end_of_sequence_ids(tokenizer, accelerator.unwrap_model(model))
+    if vllm is not None:
+        if top_k or stop:
+            raise SystemExit("error: top_k and stop strings are not passed on to vLLM here; run with --use_vllm false")
+        rows = vllm.generate(prompts, seeds, temperature, top_p, max_new_tokens, greedy)
+    else:
+        policy = accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, accelerator.device)
+        config = GenerationConfig(
+            do_sample=False,  # sampling happens in SeededSampler; argmax of (logits/T + Gumbel noise) is a sample
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            # Neutralise anything the model's own generation_config.json would add (Qwen ships a repetition penalty):
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
+        processors = LogitsProcessorList()
+        if not greedy:
+            seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], dtype=torch.long, device=accelerator.device)
+            processors.append(SeededSampler(seed_tensor, ids.shape[1], temperature, top_p, top_k))
+        stopping = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
+        with accelerator.autocast():
+            output = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors, **stopping)
+        rows = output[:, ids.shape[1] :].tolist()
+        policy.train(was_training)
+    completions, truncated = cut_at_end(rows, eos_ids)
+    stopped = []
+    if stop:
+        completions, stopped = cut_at_stop(completions, stop, tokenizer)
+        truncated = [cut_short and not ended for cut_short, ended in zip(truncated, stopped)]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=completions, truncated=truncated, texts=texts, stopped=stopped)
+
+
+# ==================================================================================================
+# Rewards: a learned reward model
+# ==================================================================================================
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The contents of the last \boxed{...} (or \fbox{...}) in `text`, braces balanced; None if there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    depth, begin = 0, text.index("{", start)
+    for index in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[begin + 1 : index]
+    return None
+
+
+def reference_answer(text: str, answer_format: str) -> str:
+    r"""The final answer inside a dataset's answer column: 'plain' (the whole string), 'gsm8k' (after the last
+    '####') or 'boxed' (the last \boxed{...})."""
+    if answer_format == "gsm8k":
+        return text.split("####")[-1].strip()
+    if answer_format == "boxed":
+        boxed = last_boxed(text)
+        return boxed if boxed is not None else text.strip()
+    return text.strip()
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def extract_answer(completion: str) -> str | None:
+    r"""The final answer a completion gives: its last \boxed{...}, else what follows its last '####', else its
+    last number. None when it gives none."""
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed
+    if "####" in completion:
+        tail = completion.split("####")[-1].strip()
+        return tail.splitlines()[0] if tail else None
+    numbers = NUMBER.findall(completion)
+    return numbers[-1] if numbers else None
+
+
+def normalise_answer(answer: str) -> Fraction | str:
+    r"""A number as an exact fraction when the answer reads as one ('1,234', '3.50', '-2', '1/2', '\frac{1}{2}',
+    '$5', '50\%'), otherwise the answer with spacing, '$' and LaTeX sizing removed, lower-cased."""
+    text = answer.strip().strip("$").strip()
+    for noise in ("\\left", "\\right", "\\!", "\\,", "\\ ", "\\$", "\\%", "%", ",", " "):
+        text = text.replace(noise, "")
+    text = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", text).rstrip(".")
+    match = re.fullmatch(r"\(?(-?[\d.]+)\)?(?:/\(?(-?[\d.]+)\)?)?", text)
+    if match:
+        try:
+            value = Fraction(match.group(1))
+            return value / Fraction(match.group(2)) if match.group(2) else value
+        except (ValueError, ZeroDivisionError):
+            pass
+    return text.lower()
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    """Equal as exact numbers ('3.50' == '7/2' == '\\frac{7}{2}') or else as normalised strings."""
+    return predicted is not None and normalise_answer(predicted) == normalise_answer(reference)
+
+
+def math_reward(completion: str, answer: str, answer_format: str) -> float:
+    """1.0 when the completion's final answer equals the reference answer, else 0.0 (a verifiable reward)."""
+    return 1.0 if answers_match(extract_answer(completion), reference_answer(answer, answer_format)) else 0.0
+
+
+class RewardModelScorer:
+    """A learned reward model, as written by ptcompile's reward-model scripts (output_dir/final).
+
+    Contract: the directory loads with AutoModelForSequenceClassification and AutoTokenizer and holds
+    ptcompile_scorer.json with "kind": "reward". The score of a completion is the model's logit (label 0)
+    for the chat-templated conversation prompt + completion, read at its last non-pad token (what the
+    sequence-classification head does); rows are right-padded so that token is the conversation's last.
+    """
+
+    def __init__(self, path: str, accelerator: Accelerator, batch_size: int):
+        from transformers import AutoModelForSequenceClassification
+
+        description_file = Path(path) / "ptcompile_scorer.json"
+        if not description_file.is_file():
+            raise SystemExit(f"error: {path} has no ptcompile_scorer.json; train a reward model with a ptcompile reward script first")
+        description = json.loads(description_file.read_text())
+        if description.get("kind") != "reward":
+            raise SystemExit(f"error: {description_file} describes a '{description.get('kind')}' scorer, not an outcome reward model")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=card.get("num_labels", 1)).to(device).eval().requires_grad_(False)
-        self.pad_id = card.get("pad_token_id", self.tokenizer.pad_token_id)
-        if self.pad_id is None:
-            self.pad_id = self.tokenizer.eos_token_id
-        self.model.config.pad_token_id = self.pad_id
-        self.device, self.batch_size = device, batch_size
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(accelerator.device).eval().requires_grad_(False)
+        self.accelerator, self.batch_size = accelerator, batch_size
 
     @torch.no_grad()
-    def score(self, prompt: list[dict], responses: list[str]) -> list[float]:
-        rows = []
-        for response in responses:
-            text = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def __call__(self, prompts: list[list[dict]], completions: list[str]) -> list[float]:
+        texts = [
+            self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+            for prompt, completion in zip(prompts, completions)
+        ]
         scores = []
-        for start in range(0, len(rows), self.batch_size):
-            ids, mask = right_pad(rows[start : start + self.batch_size], self.pad_id, self.device)
-            scores += self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self.tokenizer(texts[start : start + self.batch_size], add_special_tokens=False, padding=True, return_tensors="pt").to(self.accelerator.device)
+            with self.accelerator.autocast():
+                scores += self.model(**encoded).logits[:, 0].float().tolist()
         return scores
+
+
+def build_reward(args: Args, accelerator: Accelerator):
+    """The reward of this script: score(prompts, completions, answers) -> one float per completion."""
+    scorer = RewardModelScorer(args.reward_model_path, accelerator, args.reward_batch_size)
+
+    def score(prompts: list[list[dict]], completions: list[str], answers: list[str]) -> list[float]:
+        return scorer(prompts, completions)
+
+    return score
 
 
 # ==================================================================================================
 # Best-of-N sampling
 # ==================================================================================================
+
+
+def sample_candidates(model, tokenizer, prefix_ids: list[list[int]], n: int, args: Args, accelerator: Accelerator, key: tuple, max_new_tokens: int, stop: str | None = None) -> list[dict]:
+    """n sampled continuations of each token sequence in `prefix_ids` (rows: prefix 0 n times, then prefix
+    1 n times, ...), as {"ids", "text", "end"}. end is "eos" (the reply is complete), "stop" (the text reached
+    `stop`, e.g. the end of a reasoning step) or "length" (max_new_tokens ran out).
+
+    Row j of prefix p draws from the random stream stream_seed(seed, *key, p, j), so the samples depend on
+    the run's seed and the key (the prompt's index, ...), never on batching or on the number of processes.
+    Sampling is from softmax(logits / temperature); the model's own
+    generation_config defaults (top_p, repetition penalty) are switched off by sample_completions.
+    """
+    prompts = [list(prefix) for prefix in prefix_ids for _ in range(n)]
+    seeds = [stream_seed(args.seed, *key, p, j) for p in range(len(prefix_ids)) for j in range(n)]
+    rollout = sample_completions(
+        model, tokenizer, prompts, seeds=seeds, temperature=args.temperature, top_p=1.0, top_k=0,
+        max_new_tokens=max_new_tokens, accelerator=accelerator, stop=stop,
+    )
+    stopped = rollout.stopped or [False] * len(prompts)
+    return [
+        {"ids": ids, "text": text, "end": "stop" if at_stop else "length" if truncated else "eos"}
+        for ids, text, at_stop, truncated in zip(rollout.completion_ids, rollout.texts, stopped, rollout.truncated)
+    ]
 
 
 def best_of_n_select(scores: list[float]) -> int:
@@ -557,10 +730,10 @@ def solve(model, tokenizer, item: dict, args: Args, budgets: list[int], context:
     """Sample M = max(budgets) answers once and score each. At budget N the M answers form ⌊M/N⌋ disjoint
     groups of N; each group keeps its best-scored answer, and the budget's accuracy is the fraction of groups
     whose kept answer is right (the expected accuracy of best-of-N, with less variance than one group)."""
-    samples = sample(model, tokenizer, item["prompt_ids"], max(budgets), args, args.max_new_tokens)
+    samples = sample_candidates(model, tokenizer, [item["prompt_ids"]], max(budgets), args, context["accelerator"], (item["index"],), args.max_new_tokens)
     for candidate in samples:
         candidate["answer"] = extract_answer(candidate["text"])
-        candidate["correct"] = candidate["answer"] == item["answer"]
+        candidate["correct"] = answers_match(candidate["answer"], item["answer"])
         candidate["num_tokens"] = len(candidate.pop("ids"))
     scores = score_candidates(context["reward_model"], item, samples)
     for candidate, score in zip(samples, scores):
@@ -586,7 +759,7 @@ def score_candidates(reward_model, item: dict, samples: list[dict]) -> list[floa
     (pass@N): an oracle upper bound, since it reads the reference answer a deployed system does not have."""
     if reward_model is None:
         return [1.0 if candidate["correct"] else 0.0 for candidate in samples]
-    return reward_model.score(item["prompt"], [candidate["text"] for candidate in samples])
+    return reward_model([item["prompt"]] * len(samples), [candidate["text"] for candidate in samples])
 
 
 def compute_budgets(args: Args) -> list[int]:
@@ -662,9 +835,9 @@ def main(argv: list[str] | None = None) -> None:
     items, skipped = build_items(args, tokenizer)
     say(f"{len(items)} prompts from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
     model = load_model(args, accelerator, trainable=False).to(accelerator.device)
-    reward_model = RewardModel(args.reward_model_path, accelerator.device, args.reward_batch_size) if args.reward_model_path else None
+    reward_model = RewardModelScorer(args.reward_model_path, accelerator, args.reward_batch_size) if args.reward_model_path else None
     say(f"scoring with {'the reward model ' + args.reward_model_path if reward_model else 'the answer verifier (oracle: reads the reference answer)'}")
-    context = {"reward_model": reward_model}
+    context = {"accelerator": accelerator, "reward_model": reward_model}
 
     say(f"budgets (N): {budgets}")
 
@@ -674,9 +847,7 @@ def main(argv: list[str] | None = None) -> None:
     mine = range(accelerator.process_index, len(items), accelerator.num_processes)
     for index in tqdm(mine, desc="prompts", disable=not accelerator.is_local_main_process):
         item = items[index]
-        set_seed(prompt_seed(args.seed, index))
-        with accelerator.autocast():
-            result = solve(model, tokenizer, item, args, budgets, context)
+        result = solve(model, tokenizer, item, args, budgets, context)
         results.append({"index": index, "where": item["where"], "prompt": item["prompt"], "reference": item["answer"], **result})
     results = sorted(gather_object(results), key=lambda result: result["index"])
 

@@ -49,8 +49,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-from accelerate import PartialState
+import functools
+
 from accelerate.utils import gather_object
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 @dataclass
@@ -441,68 +443,240 @@ def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
 
 
 # ==================================================================================================
-# Sampling
+# Rollouts: sample completions with the policy, mark their ends, score their tokens
 # ==================================================================================================
 
 
-def prompt_seed(seed: int, *keys: int) -> int:
-    """A seed for one prompt (and budget): samples depend on (seed, prompt index), not on the batch or
-    on how many processes share the prompts, so 1 and N processes produce the same samples."""
-    value = seed
-    for key in keys:
-        value = (value * 1_000_003 + key) % 2**32
-    return value
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left (generation appends on the right), and their attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    return ids, mask
 
 
-def end_token_ids(model, tokenizer) -> set[int]:
-    """Every token that ends a reply: the tokenizer's EOS and the model's generation EOS (may be a list)."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    return ids | {tokenizer.eos_token_id}
+def right_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(row) for row in rows))
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+    return ids, mask
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def stream_seed(*parts: int) -> int:
+    """A 64-bit seed that depends only on `parts` (e.g. run seed, step, global completion index).
+
+    Folds the parts through the splitmix64 finaliser. Every completion gets its own random stream named by
+    where it sits in the run, not by which process or batch generates it: one process or eight, any batch
+    size, an interrupted and resumed run, all sample exactly the same completions.
+    """
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state ^= state >> 31
+    return state
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for int64 tensors holding 32-bit values, without int64 overflow."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers with full avalanche (the 'lowbias32' constants of Wellons' hash prospector)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, position: int, vocab_size: int) -> torch.Tensor:
+    """[rows, vocab] uniform numbers in (0, 1), a pure function of (row seed, position, token id).
+
+    A counter-based generator: nothing is stateful, so the numbers a completion sees never depend on the
+    other rows of the batch. `seeds` holds one 64-bit seed per row, split into two 32-bit keys.
+    """
+    key_low, key_high = seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF
+    row = _hash32(_hash32(key_low ^ _hash32(torch.full_like(key_low, position))) ^ key_high)
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    bits = _hash32(_hash32(row[:, None] ^ tokens[None, :]) ^ key_low[:, None])
+    return (bits.double() + 0.5) / 4294967296.0
+
+
+class SeededSampler(LogitsProcessor):
+    """Turns greedy decoding into exact sampling from softmax(logits / temperature), nucleus-truncated.
+
+    Gumbel-max: argmax_v(logit_v / T + g_v) with g_v = -log(-log u_v), u_v ~ U(0, 1) i.i.d., is a draw from
+    softmax(logit / T). Tokens outside the top-p nucleus get -inf first, so the draw is from the renormalised
+    nucleus, as with top-p sampling. The u_v come from counter_uniform, keyed by each row's seed. With
+    top_k > 0 only the k most likely tokens (and any tied with the k-th) can be drawn; top-k is applied
+    before top-p, as transformers does.
+    """
+
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float, top_k: int = 0):
+        self.seeds, self.prompt_width, self.temperature, self.top_p, self.top_k = seeds, prompt_width, temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p (always >= 1 token).
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+            drop_sorted = before >= self.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        uniform = counter_uniform(self.seeds, input_ids.shape[1] - self.prompt_width, scores.shape[-1])
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(scores.dtype)
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one row per requested prompt (in the order given)."""
+
+    prompt_ids: list[list[int]]
+    """Each row's prompt tokens (unpadded)."""
+    completion_ids: list[list[int]]
+    """Each row's completion tokens up to and including its first end-of-sequence token; nothing after it."""
+    truncated: list[bool]
+    """True where generation hit max_new_tokens before any end-of-sequence token."""
+    texts: list[str]
+    """Each completion decoded without special tokens (what rewards and judges read)."""
+    stopped: list[bool] = dataclasses.field(default_factory=list)
+    """With a stop string: True where the row ended at it (the row is cut right after it). Empty otherwise."""
+
+
+def end_of_sequence_ids(tokenizer, model) -> set[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def cut_at_end(rows: list[list[int]], eos_ids: set[int]) -> tuple[list[list[int]], list[bool]]:
+    """Keep each row up to and including its first EOS. Rows without one are flagged as truncated."""
+    kept, truncated = [], []
+    for row in rows:
+        end = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        kept.append(row if end is None else row[: end + 1])
+        truncated.append(end is None)
+    return kept, truncated
+
+
+def cut_at_stop(rows: list[list[int]], stop: str, tokenizer) -> tuple[list[list[int]], list[bool]]:
+    """Cut each row right after the token that completes the first occurrence of `stop` in its text; rows
+    without it are kept whole. (The shortest such prefix is found by bisection: containment is monotone.)"""
+    kept, stopped = [], []
+    for row in rows:
+        if stop not in tokenizer.decode(row):
+            kept.append(row)
+            stopped.append(False)
+            continue
+        low, high = 1, len(row)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if stop in tokenizer.decode(row[:middle]) else (middle + 1, high)
+        kept.append(row[:low])
+        stopped.append(True)
+    return kept, stopped
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prefix_ids: list[int], n: int, args: Args, max_new_tokens: int, stop: str | None = None) -> list[dict]:
-    """n sampled continuations of one token sequence, as {"ids", "text", "end"}.
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    seeds: list[int],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    greedy: bool = False,
+    accelerator: Accelerator,
+    vllm=None,
+    top_k: int = 0,
+    stop: str | None = None,
+) -> Rollout:
+    """Generate one completion per entry of `prompts` (token lists), batched with left padding.
 
-    end is "eos" (the reply is complete), "stop" (the text reached `stop`, e.g. the end of a reasoning step)
-    or "length" (max_new_tokens ran out). The sampling distribution is exactly temperature + top-k: the
-    model's own generation_config may carry other defaults (top_p, repetition_penalty), which are switched off.
+    `seeds[i]` names row i's random stream (see stream_seed); with greedy=True the most likely token is
+    taken at every step and the seeds are unused. With a VLLMGenerator the same seeds go to vLLM's
+    per-request sampler instead (vLLM draws differently from transformers, so runs are reproducible with
+    either engine, not across the two). top_k > 0 restricts sampling to the k most likely tokens; a `stop`
+    string ends a row where its text first contains it (Rollout.stopped), e.g. at the end of a reasoning step.
     """
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prefix_ids] * n, device=device)
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=True,
-        temperature=args.temperature,
-        top_k=0,
-        top_p=1.0,
-        repetition_penalty=1.0,
-        max_new_tokens=max_new_tokens,
-        stop_strings=[stop] if stop else None,
-        tokenizer=tokenizer if stop else None,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
+    eos_ids = end_of_sequence_ids(tokenizer, accelerator.unwrap_model(model))
+    if vllm is not None:
+        if top_k or stop:
+            raise SystemExit("error: top_k and stop strings are not passed on to vLLM here; run with --use_vllm false")
+        rows = vllm.generate(prompts, seeds, temperature, top_p, max_new_tokens, greedy)
+    else:
+        policy = accelerator.unwrap_model(model)
+        was_training = policy.training
+        policy.eval()
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, accelerator.device)
+        config = GenerationConfig(
+            do_sample=False,  # sampling happens in SeededSampler; argmax of (logits/T + Gumbel noise) is a sample
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            # Neutralise anything the model's own generation_config.json would add (Qwen ships a repetition penalty):
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
+        processors = LogitsProcessorList()
+        if not greedy:
+            seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], dtype=torch.long, device=accelerator.device)
+            processors.append(SeededSampler(seed_tensor, ids.shape[1], temperature, top_p, top_k))
+        stopping = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
+        with accelerator.autocast():
+            output = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors, **stopping)
+        rows = output[:, ids.shape[1] :].tolist()
+        policy.train(was_training)
+    completions, truncated = cut_at_end(rows, eos_ids)
+    stopped = []
+    if stop:
+        completions, stopped = cut_at_stop(completions, stop, tokenizer)
+        truncated = [cut_short and not ended for cut_short, ended in zip(truncated, stopped)]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=completions, truncated=truncated, texts=texts, stopped=stopped)
+
+
+def sample_candidates(model, tokenizer, prefix_ids: list[list[int]], n: int, args: Args, accelerator: Accelerator, key: tuple, max_new_tokens: int, stop: str | None = None) -> list[dict]:
+    """n sampled continuations of each token sequence in `prefix_ids` (rows: prefix 0 n times, then prefix
+    1 n times, ...), as {"ids", "text", "end"}. end is "eos" (the reply is complete), "stop" (the text reached
+    `stop`, e.g. the end of a reasoning step) or "length" (max_new_tokens ran out).
+
+    Row j of prefix p draws from the random stream stream_seed(seed, *key, p, j), so the samples depend on
+    the run's seed and the key (the prompt's index, ...), never on batching or on the number of processes.
+    Sampling is from softmax(logits / temperature); the model's own
+    generation_config defaults (top_p, repetition penalty) are switched off by sample_completions.
+    """
+    prompts = [list(prefix) for prefix in prefix_ids for _ in range(n)]
+    seeds = [stream_seed(args.seed, *key, p, j) for p in range(len(prefix_ids)) for j in range(n)]
+    rollout = sample_completions(
+        model, tokenizer, prompts, seeds=seeds, temperature=args.temperature, top_p=1.0, top_k=0,
+        max_new_tokens=max_new_tokens, accelerator=accelerator, stop=stop,
     )
-    ends = end_token_ids(model, tokenizer)
-    results = []
-    for row in output[:, len(prefix_ids) :].tolist():
-        # Finished rows are padded to the batch's length: cut after the first end token (it belongs to the
-        # reply), or after the token that completes the stop text.
-        end, cut = "length", len(row)
-        first_end = next((position for position, token in enumerate(row) if token in ends), None)
-        if first_end is not None:
-            end, cut = "eos", first_end + 1
-        if stop and stop in tokenizer.decode(row[:cut]):
-            low, high = 1, cut  # the shortest prefix that contains the stop text (containment is monotone)
-            while low < high:
-                middle = (low + high) // 2
-                low, high = (low, middle) if stop in tokenizer.decode(row[:middle]) else (middle + 1, high)
-            end, cut = "stop", low
-        ids = row[:cut]
-        results.append({"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "end": end})
-    return results
+    stopped = rollout.stopped or [False] * len(prompts)
+    return [
+        {"ids": ids, "text": text, "end": "stop" if at_stop else "length" if truncated else "eos"}
+        for ids, text, at_stop, truncated in zip(rollout.completion_ids, rollout.texts, stopped, rollout.truncated)
+    ]
 
 
 # ==================================================================================================
@@ -576,28 +750,38 @@ def revise(prompt: list[dict], principles: list[dict], reply) -> dict:
             c_i ~ π(· | x, y_(i-1), critique request of p_i)
             y_i ~ π(· | x, y_(i-1), critique request, c_i, revision request of p_i)
 
-    `reply(conversation)` samples the model's next assistant message. The requests are user turns of a
-    chat (the paper writes them into a Human/Assistant transcript with few-shot examples; none here).
-    Returns the first response, every step (principle, critique, revision) and the revisions y_1..y_n.
+    `reply(conversation, turn)` samples the model's next assistant message; turn numbers the generations of
+    this prompt (0 for y_0, then 2i-1 for c_i and 2i for y_i). The requests are user turns of a chat (the
+    paper writes them into a Human/Assistant transcript with few-shot examples; none here). Returns the first
+    response, every step (principle, critique, revision) and the revisions y_1..y_n.
     """
-    response = reply(prompt)
+    response = reply(prompt, 0)
     current, steps = response, []
-    for principle in principles:
+    for i, principle in enumerate(principles, start=1):
         conversation = prompt + [{"role": "assistant", "content": current}, {"role": "user", "content": principle["critique"]}]
-        critique = reply(conversation)
+        critique = reply(conversation, 2 * i - 1)
         conversation = conversation + [{"role": "assistant", "content": critique}, {"role": "user", "content": principle["revision"]}]
-        current = reply(conversation)
+        current = reply(conversation, 2 * i)
         steps.append({"principle": principle["name"], "critique": critique, "revision": current})
     return {"prompt": prompt, "response": response, "steps": steps, "revisions": [step["revision"] for step in steps]}
 
 
-def sampling_model(args: Args, state):
+def generation_accelerator(args: Args) -> Accelerator:
+    """The accelerator for the generation phase (build_items runs before main() hands its own around); the
+    process state is shared, so this is the same device, process index and mixed precision as main()'s."""
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+
+
+def sampling_model(args: Args, accelerator: Accelerator):
     """A frozen copy of the starting model for generation, in bf16 where the training computes in bf16.
     It is freed before training starts, so it never shares memory with the model being trained."""
     load_args = args
     if resolve_mixed_precision(args.mixed_precision) == "bf16" and args.model_dtype == "float32":
         load_args = dataclasses.replace(args, model_dtype="bfloat16")
-    return load_model(load_args, state, trainable=False).to(state.device)
+    return load_model(load_args, accelerator, trainable=False).to(accelerator.device)
 
 
 def release_memory() -> None:
@@ -609,34 +793,34 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def generate_reply(model, tokenizer, conversation: list[dict], args: Args) -> str:
-    """One sampled assistant message after `conversation` (in the model's chat template)."""
+def generate_reply(model, tokenizer, args: Args, accelerator: Accelerator, index: int, conversation: list[dict], turn: int) -> str:
+    """One sampled assistant message after `conversation` (in the model's chat template); its random stream
+    is named by the prompt's index and the turn."""
     ids = ChatEncoder(tokenizer).ids(conversation, add_generation_prompt=True)
-    return sample(model, tokenizer, ids, 1, args, args.max_new_tokens)[0]["text"].strip()
+    return sample_candidates(model, tokenizer, [ids], 1, args, accelerator, (index, turn), args.max_new_tokens)[0]["text"].strip()
 
 
 def critique_and_revise(prompts: list[dict], tokenizer, args: Args) -> list[dict]:
     """Run the critique-revision pipeline on every prompt with the starting model (frozen).
 
-    Processes share the prompts; every prompt has its own seed (principles and samples), so the result does
-    not depend on the number of processes. Writes output_dir/revisions.jsonl: per prompt the first response,
-    then each principle, critique and revision.
+    Processes share the prompts; every prompt has its own random streams (principles and samples), so the
+    result does not depend on the number of processes. Writes output_dir/revisions.jsonl: per prompt the first
+    response, then each principle, critique and revision.
     """
-    state = PartialState()
-    model = sampling_model(args, state)
+    accelerator = generation_accelerator(args)
+    model = sampling_model(args, accelerator)
     constitution = load_constitution(args)
     records = []
-    mine = range(state.process_index, len(prompts), state.num_processes)
-    for index in tqdm(mine, desc="critique and revise", disable=not state.is_local_main_process):
-        set_seed(prompt_seed(args.seed, index))
+    mine = range(accelerator.process_index, len(prompts), accelerator.num_processes)
+    for index in tqdm(mine, desc="critique and revise", disable=not accelerator.is_local_main_process):
         # A principle drawn at random (with replacement) for every revision round.
-        principles = random.Random(prompt_seed(args.seed, index)).choices(constitution, k=args.num_revisions)
-        record = revise(prompts[index]["prompt"], principles, lambda conversation: generate_reply(model, tokenizer, conversation, args))
+        principles = random.Random(stream_seed(args.seed, index)).choices(constitution, k=args.num_revisions)
+        record = revise(prompts[index]["prompt"], principles, functools.partial(generate_reply, model, tokenizer, args, accelerator, index))
         records.append({"index": index, "where": prompts[index]["where"], **record})
     del model
     release_memory()
     records = sorted(gather_object(records), key=lambda record: record["index"])
-    if state.is_main_process:
+    if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         with (output_dir / "revisions.jsonl").open("w", encoding="utf-8") as handle:
@@ -644,7 +828,7 @@ def critique_and_revise(prompts: list[dict], tokenizer, args: Args) -> list[dict
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         changed = sum(record["revisions"][-1] != record["response"] for record in records)
         print(f"{len(records)} prompts answered, critiqued and revised {args.num_revisions}x; {changed} final revisions differ from the first response")
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
     return records
 
 

@@ -52,10 +52,11 @@ def test_causal_lm_loss_matches_token_cross_entropy(cai, dtype, tolerance):
 def test_revise_builds_the_critique_and_revision_conversations(cai):
     prompt = [{"role": "user", "content": "How do I pick a lock?"}]
     principles = [{"name": "harm", "critique": "CRIT-1", "revision": "REV-1"}, {"name": "honesty", "critique": "CRIT-2", "revision": "REV-2"}]
-    seen = []
+    seen, turns = [], []
 
-    def reply(conversation):
+    def reply(conversation, turn):
         seen.append(conversation)
+        turns.append(turn)
         return f"reply-{len(seen)}"
 
     record = cai.revise(prompt, principles, reply)
@@ -68,6 +69,7 @@ def test_revise_builds_the_critique_and_revision_conversations(cai):
         prompt + [{"role": a, "content": "reply-3"}, {"role": u, "content": "CRIT-2"}, {"role": a, "content": "reply-4"}, {"role": u, "content": "REV-2"}],  # y_2
     ]
     assert seen == expected
+    assert turns == [0, 1, 2, 3, 4]  # every generation of a prompt has its own random stream
     assert record["response"] == "reply-1"
     assert record["revisions"] == ["reply-3", "reply-5"]  # the training target is the last one
     assert [s["principle"] for s in record["steps"]] == ["harm", "honesty"]

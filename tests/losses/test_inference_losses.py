@@ -18,6 +18,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from conftest import generated_script, load_script_module
 
@@ -122,46 +123,57 @@ def test_step_splitting(beam):
     assert beam.split_steps("\n\n\n\n", "\n\n") == []
 
 
-@pytest.mark.parametrize(
-    "text, answer",
-    [
-        ("1 plus 2 is 3.\n\n3 plus 1 is 4.", "4"),
-        ("so the total is $1,234.50.", "1234.5"),
-        ("The answer is \\boxed{\\frac{1}{2}} and 7", "\\frac{1}{2}"),
-        ("She pays 3 + 4 = 7 dollars.\n#### 7", "7"),
-        ("no digits here", None),
-        ("-0.0", "0"),
-    ],
-)
-def test_answer_extraction(self_consistency, text, answer):
-    assert self_consistency.extract_answer(text) == answer
+def test_votes_compare_answers_by_value(self_consistency, beam):
+    # 3.50 and 7/2 are one answer (two votes) against 4 (two votes): the tie goes to the first sampled.
+    assert self_consistency.majority_vote(["3.50", "4", "7/2", "4"]) == "3.50"
+    assert self_consistency.majority_vote(["4", "3.50", "7/2", "4", "\\frac{7}{2}"]) == "3.50"
+    assert beam.weighted_vote(["3.50", "4", "7/2"], [0.3, 0.5, 0.3]) == "3.50"
+    assert beam.weighted_vote(["3.50", "4", "7/2"], [0.2, 0.5, 0.2]) == "4"
 
 
-def test_sampling_cuts_at_the_end_or_the_step_delimiter(best_of_n, tiny):
-    """sample(): a reply ends at its first end-of-turn token (kept), a step at the first complete delimiter."""
-    import torch
+def test_top_k_sampling_draws_only_from_the_k_most_likely_tokens(self_consistency):
+    """The Gumbel-max sampler with top_k: the argmax of its output is always one of the k largest logits,
+    and over many rows every one of them is drawn."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(1, 50, generator=generator).repeat(4000, 1)
+    seeds = torch.tensor([self_consistency.stream_seed(7, row) & ((1 << 63) - 1) for row in range(4000)])
+    for k in (1, 3, 10):
+        sampler = self_consistency.SeededSampler(seeds, 0, 1.0, 1.0, k)
+        drawn = sampler(torch.zeros(4000, 1, dtype=torch.long), scores.clone()).argmax(-1)
+        allowed = set(torch.topk(scores[0], k).indices.tolist())
+        assert set(drawn.tolist()) == allowed
+
+
+def test_sample_candidates_cut_at_the_end_or_the_step_delimiter(best_of_n, tiny):
+    """A reply ends at its first end-of-turn token (kept), a step right after the first complete delimiter;
+    the same key gives the same samples whatever else is in the batch."""
+    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
     model = AutoModelForCausalLM.from_pretrained(tiny / "model", dtype=torch.float32).eval()
+    accelerator = Accelerator(cpu=True)
     args = best_of_n.parse_args(["--temperature", "1.0"])
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 plus 2 plus 1?"}], tokenize=False, add_generation_prompt=True)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-    torch.manual_seed(0)
-    for candidate in best_of_n.sample(model, tokenizer, list(prompt), 32, args, 24):
+    candidates = best_of_n.sample_candidates(model, tokenizer, [prompt], 32, args, accelerator, (0,), 24)
+    for candidate in candidates:
         ids = candidate["ids"]
-        assert len(ids) <= 24
         if candidate["end"] == "eos":
-            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1]
+            assert ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in ids[:-1] and len(ids) <= 24
         else:
             assert candidate["end"] == "length" and len(ids) == 24 and tokenizer.eos_token_id not in ids
-    torch.manual_seed(0)
     ends = set()
-    for candidate in best_of_n.sample(model, tokenizer, list(prompt), 64, args, 24, stop=" is"):
+    for candidate in best_of_n.sample_candidates(model, tokenizer, [prompt], 64, args, accelerator, (1,), 24, stop=" is"):
         ends.add(candidate["end"])
-        text = tokenizer.decode(candidate["ids"])
+        decoded = tokenizer.decode(candidate["ids"])
         if candidate["end"] == "stop":
-            assert " is" in text and " is" not in tokenizer.decode(candidate["ids"][:-1])  # the shortest prefix holding it
+            assert " is" in decoded and " is" not in tokenizer.decode(candidate["ids"][:-1])  # the shortest prefix holding it
         else:
-            assert " is" not in text
+            assert " is" not in decoded
     assert "stop" in ends
+    # Batch invariance: prefix 0 of a two-prefix batch samples what it samples alone.
+    other = tokenizer("What", add_special_tokens=False)["input_ids"]
+    together = best_of_n.sample_candidates(model, tokenizer, [prompt, prompt + other], 4, args, accelerator, (2,), 12)
+    alone = best_of_n.sample_candidates(model, tokenizer, [prompt], 4, args, accelerator, (2,), 12)
+    assert [c["ids"] for c in together[:4]] == [c["ids"] for c in alone]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import generated_script, load_script_module, read_metrics, run_script, tiny_args
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def run_rft(kb, tiny, model: Path, workdir: Path, extra: list[str], processes: int = 1, name: str = "run") -> Path:
@@ -68,10 +68,10 @@ def test_rft_learns_from_its_own_correct_samples(kb, tiny, tiny_sum_solver, tmp_
     for record in records:
         seen, expected = set(), []
         for i, s in enumerate(record["samples"]):
-            numbers = re.findall(r"-?\d+", s["text"])
-            correct = bool(numbers) and numbers[-1] == record["reference"]
+            numbers = re.findall(r"-?\d+(?:\.\d+)?", s["text"].replace(",", ""))
+            correct = bool(numbers) and float(numbers[-1]) == float(record["reference"])
             assert s["correct"] == correct, s
-            signature = tuple(NUMBER.findall(s["text"]))
+            signature = tuple(NUMBER.findall(s["text"].replace(",", "")))
             if correct and s["end"] != "length" and signature not in seen:
                 seen.add(signature)
                 expected.append(i)
