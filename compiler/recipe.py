@@ -15,6 +15,11 @@ from .knowledge_base import KnowledgeBase
 
 PEFT_CHOICES_NONE = "none"
 
+SCORER_FAMILIES = ("reward", "prm")
+"""Families whose final model is a scorer that other scripts load as a plain transformers model."""
+VIRTUAL_TOKEN_PEFT = ("prompt-tuning", "prefix-tuning", "p-tuning-v2")
+"""PEFT techniques that add virtual tokens: they cannot be merged into the weights of a scorer."""
+
 
 @dataclass(frozen=True)
 class ResolvedHyperparameter:
@@ -152,6 +157,11 @@ def resolve(
     peft = None
     if peft_name and peft_name != PEFT_CHOICES_NONE:
         peft = kb.peft_technique(peft_name)
+        if method.script.family in SCORER_FAMILIES and peft.id in VIRTUAL_TOKEN_PEFT:
+            raise CompileError(
+                f"{method.id} saves a scorer that other scripts load as a plain transformers model; {peft.id} adds "
+                "virtual tokens that cannot be merged into its weights. Use a weight adapter (lora, dora, rslora, adalora, ia3, qlora)."
+            )
 
     # Precedence of defaults: method > family > common (a method's value carries its paper source).
     merged: dict[str, tuple[schema.Hyperparameter, str]] = {}

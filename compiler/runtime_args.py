@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .recipe import Recipe
+from .recipe import SCORER_FAMILIES, Recipe
 
 TINY_DIR = "ptcompile-tiny"
 """Where `ptcompile tiny` puts the embedded model and data by default (relative to the working directory)."""
@@ -108,6 +108,9 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         model_fields.append(
             RuntimeField("answer_format", "str", recipe.dataset.answer_format, "How the answer column is written: plain, gsm8k ('#### 42') or boxed (\\boxed{42}).")
         )
+    if recipe.family == "reward" and recipe.has("use_margin"):
+        column = recipe.dataset.columns.get("margin", "margin")
+        model_fields.append(RuntimeField("margin_column", "str", column, "Column holding each pair's margin m, a number (read only when use_margin is true)."))
     if recipe.peft is not None and recipe.peft.id in ("lora", "qlora", "dora", "rslora", "adalora"):
         model_fields.append(
             RuntimeField("target_modules", "str", ",".join(recipe.model.lora_target_modules), f"Comma-separated linear layers that get adapters (the '{recipe.model.id}' preset's attention and MLP projections).")
@@ -130,7 +133,10 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
     if recipe.family in ROLLOUT_FAMILIES:
         run_fields += rollout_fields(recipe)
     if recipe.peft is not None and not recipe.peft.quantized:
-        run_fields.append(RuntimeField("merge_adapter", "bool", False, "Merge the adapter into the base weights before the final save."))
+        if recipe.family in SCORER_FAMILIES:
+            run_fields.append(RuntimeField("merge_adapter", "bool", True, "Merge the adapter into the base weights before the final save, so final/ loads as a plain scorer (false: save only the adapter)."))
+        else:
+            run_fields.append(RuntimeField("merge_adapter", "bool", False, "Merge the adapter into the base weights before the final save."))
     model_fields, run_fields = _family_fields(recipe, model_fields, run_fields)
     return [("Model and data", model_fields), ("Run", run_fields)]
 

@@ -8,11 +8,14 @@ download. Each generator documents what a model can learn from it:
 - preference / unpaired: the chosen completion always uses one set of adjectives and the rejected one
   another, so a policy can raise the chosen log-ratio over the rejected one (reward accuracy -> 1).
 - math: one-digit sums with the answer in the prompt's own words, for verifiable-reward RL and test-time scaling.
-- steps: step-by-step solutions where a step is labelled wrong exactly when it contains an arithmetic error.
+- steps: step-by-step solutions where a step is labelled wrong when it contains an arithmetic error or follows a
+  wrong step (Math-Shepherd-style reachability labels).
+- arithmetic_steps: two-step sums of small digits where each step's label is its own arithmetic (half the steps
+  wrong, independently), so a process reward model learns to check steps within seconds (see below).
 - sums / sum_solutions: three-term sums of the digits 0-2 as prompts with reference answers, and their worked
   two-step solutions as chat. A short SFT on the solutions makes the tiny model right only some of the time,
   which is what test-time scaling (best-of-N, majority vote, PRM beam search) and rejection sampling need;
-  steps are written as in the step-labelled data ("a plus b is s."), so a PRM trained there scores them.
+  steps are written as in arithmetic_steps ("a plus b is s."), so a PRM trained there scores them.
 """
 
 from __future__ import annotations
@@ -118,6 +121,30 @@ def step_rows(n: int = 256, seed: int = 6) -> Iterator[dict[str, Any]]:
         yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
 
 
+def arithmetic_step_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]]:
+    """Process-reward data the embedded model can learn from in a few hundred steps.
+
+    Each row sums three digits 0-2 in two steps ("a plus b is s.", then "s plus c is t."); every step is
+    independently right or wrong with probability 1/2, a wrong result overshooting the true sum by 1 or 2.
+    The second step adds to the first step's shown result, so its label is exactly whether its own
+    arithmetic holds. Unlike steps.jsonl (digits 0-4, where a step after a wrong one is also labelled wrong
+    and the base rates differ by position), neither the position nor the previous label predicts a label:
+    the model has to check the sum.
+    """
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, c = rng.randint(0, 2), rng.randint(0, 2), rng.randint(0, 2)
+        steps, labels, left = [], [], a
+        for right in (b, c):
+            total = left + right
+            correct = rng.random() < 0.5
+            shown = total if correct else total + rng.choice([1, 2])
+            steps.append(f"{left} plus {right} is {shown}.")
+            labels.append(correct)
+            left = shown
+        yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
+
+
 def _sum_terms(rng: random.Random) -> tuple[int, int, int]:
     return rng.randint(0, 2), rng.randint(0, 2), rng.randint(0, 2)
 
@@ -147,15 +174,21 @@ GENERATORS = {
     "unpaired.jsonl": unpaired_rows,
     "math.jsonl": math_rows,
     "steps.jsonl": step_rows,
+}
+
+EXTRA_GENERATORS = {
+    "arithmetic_steps.jsonl": arithmetic_step_rows,
     "sums.jsonl": sum_rows,
     "sum_solutions.jsonl": sum_solution_rows,
 }
+"""Datasets added after the bundled tokenizer was trained: written like the others, but kept out of corpus() so
+tools/build_tiny_tokenizer.py still rebuilds the shipped tokenizer exactly."""
 
 
 def write_all(directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, generator in GENERATORS.items():
+    for name, generator in {**GENERATORS, **EXTRA_GENERATORS}.items():
         path = directory / name
         with path.open("w", encoding="utf-8") as handle:
             for row in generator():

@@ -68,7 +68,7 @@ TINY_DATA = {
     "preference": "preference.jsonl",
     "unpaired": "unpaired.jsonl",
     "prompt": "math.jsonl",
-    "step-labels": "steps.jsonl",
+    "step-labels": "arithmetic_steps.jsonl",  # the PRM data the tiny model learns from (compiler/tiny_data.py)
 }
 
 FIELDS = {
@@ -122,6 +122,37 @@ def load_script_module(path: Path, name: str | None = None):
     sys.modules[name] = module  # inspect.getsource (used for --help texts) looks the module up here
     spec.loader.exec_module(module)
     return module
+
+
+# --- Trained tiny scorers, for tests of the scripts that load them (best-of-N, PPO, online DPO, search) ---------
+
+TINY_SCORER_FLAGS = {
+    "reward-model": ["--max_steps", "30", "--learning_rate", "3e-3"],
+    # Checking sums takes the tiny model longer: 500 steps of 16 rows (about 10 s of CPU).
+    "process-reward-model": ["--max_steps", "500", "--learning_rate", "2e-3", "--per_device_train_batch_size", "16", "--num_train_epochs", "100"],
+}
+
+
+def train_tiny_scorer(kb, method_id: str, tiny: Path, workdir: Path) -> Path:
+    """Train a method's generated scorer script on the tiny data; returns its final/ directory (model,
+    tokenizer and ptcompile_scorer.json, see templates/reward/script.py.j2 for the contract). The run's
+    metrics.jsonl is in the directory above it."""
+    train_tiny(kb, method_id, tiny, workdir, TINY_SCORER_FLAGS[method_id], name=method_id)
+    return workdir / method_id / "final"
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(kb, tiny, tmp_path_factory) -> Path:
+    """final/ of a Bradley-Terry reward model trained on the tiny preference data (accuracy ~1: chosen
+    answers use polite adjectives, rejected ones rude adjectives). Load it as its ptcompile_scorer.json says."""
+    return train_tiny_scorer(kb, "reward-model", tiny, tmp_path_factory.mktemp("tiny-reward-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(kb, tiny, tmp_path_factory) -> Path:
+    """final/ of a process reward model trained on the tiny arithmetic steps (a step is correct exactly when
+    its sum is right; step accuracy ~0.94 at the end of training). Load it as its ptcompile_scorer.json says."""
+    return train_tiny_scorer(kb, "process-reward-model", tiny, tmp_path_factory.mktemp("tiny-prm"))
 
 
 @pytest.fixture(scope="session")

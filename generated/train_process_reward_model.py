@@ -1,0 +1,794 @@
+"""Process reward model (process-reward-model): a single-file training script compiled by ptcompile.
+
+Papers:
+    - Let's Verify Step by Step (Lightman et al., 2023), arXiv 2305.20050 [lightman2023lets]
+    - Math-Shepherd: Verify and Reinforce LLMs Step-by-step without Human Annotations (Wang et al., 2023), arXiv 2312.08935 [wang2023mathshepherd]
+
+Objective (No numbered equation in Lightman et al.: step-level classification at each step's end (Math-Shepherd trains the same per-step cross-entropy on automatic labels); every labelled step weighs the same, as in TRL's former PRMTrainer of lightman2023lets):
+    L = -(1/N) · Σ_solutions Σ_k log p(c_k | x, s_1..s_k), c_k ∈ {0 = incorrect, 1 = correct}, N =
+    labelled steps in the batch; p read from a 2-way classification head at the last token of the
+    separator after step k
+
+A verifier that scores every step of a solution rather than only its final answer. Steps are
+separated by a marker, and the model classifies each step as correct or not at the position where
+that step ends. Labels come from human annotators (PRM800K, Lightman et al.) or from Monte Carlo
+rollouts that check whether a step can still reach the right answer (Math-Shepherd).
+
+Model:   Qwen2.5-0.5B-Instruct (Qwen/Qwen2.5-0.5B-Instruct), full fine-tuning
+Data:    Math-Shepherd (TRL stepwise format) (trl-lib/math_shepherd, split train), format "step-labels"
+Every hyperparameter in `Args` names its source (paper and section, or common practice and why).
+
+Compiled with:
+    ptcompile process-reward-model --model qwen2.5-0.5b-instruct
+
+Run:
+    python train_process_reward_model.py --help
+    python train_process_reward_model.py                          # one process: a GPU if there is one, else the CPU
+    accelerate launch train_process_reward_model.py               # data parallel over all GPUs (`accelerate config` for FSDP)
+    python train_process_reward_model.py --resume_from_checkpoint latest   # continue an interrupted run exactly
+
+Requires: torch, transformers>=5, accelerate, datasets.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForTokenClassification
+
+
+@dataclass
+class Args:
+    """Every setting of the run. Each field is a command-line flag: --name value (booleans: true/false)."""
+
+    # --- Model and data ------------------------------------------------------------------------------
+    model_name_or_path: str = 'Qwen/Qwen2.5-0.5B-Instruct'
+    """Hub id or local directory of the model (preset 'qwen2.5-0.5b-instruct')."""
+    model_dtype: str = 'float32'
+    """dtype the weights are loaded in: float32, bfloat16 or float16. Full fine-tuning keeps
+    float32 master weights and computes in bf16 through --mixed_precision."""
+    attn_implementation: str = 'sdpa'
+    """Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 if installed."""
+    dataset: str = 'trl-lib/math_shepherd'
+    """A local .jsonl / .json / .parquet file or a Hub dataset id (preset 'math-shepherd')."""
+    dataset_config: str = ''
+    """Hub dataset configuration name ('' for none)."""
+    dataset_split: str = 'train'
+    """Hub dataset split."""
+    prompt_column: str = 'prompt'
+    """Column holding prompt: the problem."""
+    steps_column: str = 'completions'
+    """Column holding steps: list of solution steps."""
+    labels_column: str = 'labels'
+    """Column holding labels: list of booleans, one per step: is the step correct."""
+    output_dir: str = 'runs/process-reward-model'
+    """Where checkpoints, metrics.jsonl and the final model go."""
+
+    # --- Method hyperparameters: Process reward model ------------------------------------------------
+    step_separator: str = '\n'
+    """String inserted after every step; the classification is read at its last token. Must not
+    occur inside steps, and must be the same at inference. Source: common practice: Default of
+    TRL's PRMConfig (trl.experimental.prm, last shipped in TRL 1.9.0, removed in 1.10.0);
+    Math-Shepherd instead uses a dedicated step tag token."""
+    train_on_last_step_only: bool = False
+    """Supervise only the final step (an outcome-style label), ignoring the intermediate step
+    labels. Source: common practice: Default of TRL's PRMConfig (trl.experimental.prm, last
+    shipped in TRL 1.9.0); process supervision trains on every step."""
+
+    # --- Training defaults of the 'prm' family -------------------------------------------------------
+    learning_rate: float = 1e-05
+    """Peak learning rate. Typical range: [1e-08, 0.01]. Source: common practice: Same scale as
+    outcome reward models."""
+    max_length: int = 1024
+    """Maximum tokens of the prompt plus all steps. Typical range: [16, 1048576]. Source: common
+    practice: Math solutions in PRM800K and Math-Shepherd fit in 1024 tokens."""
+
+    # --- Optimisation defaults shared by every method ------------------------------------------------
+    seed: int = 42
+    """Seed for initialisation of new parameters, data order and sampling; the same seed reproduces
+    a run. Typical range: [0, 4294967295]. Source: common practice: Any fixed value; 42 is the
+    transformers/TRL default, kept so runs compare."""
+    num_train_epochs: int = 1
+    """Passes over the training data (ignored when max_steps > 0). Typical range: [1, 100]. Source:
+    common practice: Post-training rarely needs more than 1-3 epochs; more overfits small
+    corpora."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 trains for num_train_epochs. Typical range: [-1,
+    100000000]. Source: common practice: Epoch-based by default, as in transformers' Trainer."""
+    per_device_train_batch_size: int = 4
+    """Sequences (or pairs, groups) per device per micro-batch. Typical range: [1, 4096]. Source:
+    common practice: Fits a 7-8B model with LoRA or a 1B full fine-tune on one 80 GB GPU at 2k
+    tokens; raise it when memory allows."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed before each optimizer step; effective batch = this x batch size x
+    processes. Typical range: [1, 4096]. Source: common practice: Reaches an effective batch of
+    16 on one GPU; papers report 32-256 (scale this up)."""
+    lr_scheduler_type: str = 'cosine'
+    """Learning-rate schedule after warm-up. One of: linear, cosine, constant,
+    constant_with_warmup. Source: common practice: Cosine decay after a short linear warm-up is
+    the standard fine-tuning schedule."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent linearly warming the learning rate up from 0. Typical
+    range: [0.0, 0.5]. Source: common practice: 3% warm-up is the Alpaca/TRL SFT default; 3-10%
+    is typical."""
+    weight_decay: float = 0.0
+    """Decoupled AdamW weight decay, applied to weight matrices only (not biases or norms). Typical
+    range: [0.0, 1.0]. Source: common practice: Fine-tuning recipes (Alpaca, Tulu, TRL) mostly
+    use 0; 0.01-0.1 is also seen."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay. Typical range: [0.0, 0.999]. Source: common practice: PyTorch and
+    transformers AdamW default."""
+    adam_beta2: float = 0.999
+    """AdamW second-moment decay. Typical range: [0.9, 0.99999]. Source: common practice: PyTorch
+    and transformers AdamW default; 0.95 is common for large-batch pretraining."""
+    adam_epsilon: float = 1e-08
+    """AdamW denominator epsilon. Typical range: [1e-12, 0.0001]. Source: common practice: PyTorch
+    and transformers AdamW default."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping). Typical range: [0.0,
+    1000.0]. Source: common practice: Clipping at 1.0 is the transformers/TRL default and
+    stabilises fine-tuning."""
+
+    # --- Run -----------------------------------------------------------------------------------------
+    mixed_precision: str = 'auto'
+    """auto (bf16 on a GPU that supports it, else fp32), no, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 10
+    """Log metrics to the progress bar and output_dir/metrics.jsonl every N optimizer steps."""
+    save_steps: int = 500
+    """Write a checkpoint every N optimizer steps (0: only the final model)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str = ''
+    """'latest' or a checkpoint directory: continue that run exactly."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a non-empty output_dir (otherwise the run refuses)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of stopping at the first one."""
+    report_to: str = ''
+    """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+
+
+def field_docstrings(cls) -> dict[str, str]:
+    """Read each field's docstring (the string literal under it) from this file, for --help."""
+    tree = ast.parse(inspect.getsource(cls)).body[0]
+    docs = {}
+    for node, after in zip(tree.body, tree.body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    docs = field_docstrings(Args)
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Args):
+        parser.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, default=f.default, help=docs.get(f.name, ""))
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ==================================================================================================
+# Data: read rows, check them, turn them into token ids
+# ==================================================================================================
+
+
+class DataError(ValueError):
+    """A malformed training row. The message starts with the file and line (or dataset and row)."""
+
+
+def iter_rows(args: Args):
+    """Yield (where, row) for every row of a local .jsonl/.json/.parquet file or a Hugging Face Hub dataset.
+
+    `where` names the row for error messages: "data.jsonl:17" (1-based line) or "org/name[train] row 16".
+    """
+    path = Path(args.dataset)
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                    yield f"{path}:{line_number}", row
+            return
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of objects")
+            for index, row in enumerate(rows):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {index}: expected a JSON object")
+                yield f"{path} item {index}", row
+            return
+        import datasets  # only needed for Parquet and Hub datasets
+
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        for index, row in enumerate(table):
+            yield f"{path} row {index}", row
+        return
+    import datasets
+
+    table = datasets.load_dataset(args.dataset, args.dataset_config or None, split=args.dataset_split)
+    for index, row in enumerate(table):
+        yield f"{args.dataset}[{args.dataset_split}] row {index}", row
+
+
+def column(row: dict, name: str, where: str):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing field '{name}' (present: {', '.join(sorted(map(str, row))) or 'none'}; map another column with --{name}_column)")
+    return row[name]
+
+
+def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = column(row, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def as_messages(value, where: str, name: str, role: str) -> list[dict]:
+    """A string becomes one message with `role`; a list must already be [{"role": ..., "content": ...}, ...]."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}' is empty")
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        messages = []
+        for index, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise DataError(f"{where}: field '{name}' item {index}: expected an object with string 'role' and 'content'")
+            messages.append({"role": message["role"], "content": message["content"]})
+        return messages
+    raise DataError(f"{where}: field '{name}' must be a non-empty string or list of messages, got {type(value).__name__}")
+
+
+def completion_messages(value, prompt: list[dict], where: str, name: str) -> list[dict]:
+    """A completion is a string or assistant message(s). Datasets such as UltraFeedback repeat the prompt
+    inside the completion's message list; that shared prefix is dropped."""
+    messages = as_messages(value, where, name, role="assistant")
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    if not messages or any(m["role"] != "assistant" for m in messages):
+        raise DataError(f"{where}: field '{name}' must hold the assistant's reply (got roles {[m['role'] for m in messages]})")
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return messages
+
+
+class ChatEncoder:
+    """Renders conversations with the tokenizer's own chat template and says which tokens are the model's.
+
+    The assistant's tokens are found by rendering growing prefixes of the conversation: the tokens between
+    the render of messages[:i] (with the generation prompt) and the render of messages[:i+1] are turn i.
+    This needs a template whose render of a prefix is a prefix of the full render; we check it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def ids(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, prompt: list[dict], completion: list[dict], where: str) -> tuple[list[int], list[int]]:
+        prompt_ids = self.ids(prompt, add_generation_prompt=True)
+        full_ids = self.ids(prompt + completion)
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation; cannot locate the completion's tokens")
+        return prompt_ids, full_ids[len(prompt_ids) :]
+
+    def conversation(self, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation and labels that keep only assistant tokens (others are -100)."""
+        ids = self.ids(messages)
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(self.ids(messages[:turn], add_generation_prompt=True)) if turn else 0
+            end_ids = self.ids(messages[: turn + 1])
+            if ids[: len(end_ids)] != end_ids:
+                raise DataError(f"{where}: the chat template is not prefix-stable at turn {turn}; cannot mask the prompt")
+            labels[start : len(end_ids)] = ids[start : len(end_ids)]
+        return ids, labels
+
+
+def keep_or_raise(args: Args, error: DataError, skipped: list[str]) -> None:
+    """Bad rows stop the run with their location, unless --skip_bad_rows true: then they are counted."""
+    if not args.skip_bad_rows:
+        raise error
+    skipped.append(str(error))
+
+
+CORRECT = 1  # class index of a correct step; 0 is an incorrect one
+
+
+def separator_token_ids(tokenizer, args: Args) -> list[int]:
+    """Token ids of the step separator, appended after every step (the label sits on the last of them)."""
+    ids = tokenizer(args.step_separator, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SystemExit(f"error: step_separator {args.step_separator!r} encodes to no tokens")
+    return ids
+
+
+def step_class(value, where: str, name: str, index: int) -> int:
+    if isinstance(value, bool) or value in (0, 1):
+        return int(value)
+    raise DataError(f"{where}: field '{name}' item {index}: expected true/false (or 1/0), got {value!r}")
+
+
+def encode_row(row: dict, where: str, encoder: ChatEncoder, separator_ids: list[int], args: Args) -> dict:
+    """One (prompt, steps, labels) row -> input ids, and per-token labels that hold each step's class on the
+    last token of the separator after that step and -100 (no loss) everywhere else."""
+    prompt = as_messages(column(row, args.prompt_column, where), where, args.prompt_column, role="user")
+    steps = column(row, args.steps_column, where)
+    labels = column(row, args.labels_column, where)
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+        raise DataError(f"{where}: field '{args.steps_column}' must be a non-empty list of non-empty strings")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(f"{where}: field '{args.labels_column}' must be a list with one label per step ({len(steps)})")
+    classes = [step_class(label, where, args.labels_column, k) for k, label in enumerate(labels)]
+    if args.train_on_last_step_only:
+        classes = [-100] * (len(classes) - 1) + classes[-1:]  # an outcome label: only the final step is supervised
+    input_ids = encoder.ids(prompt, add_generation_prompt=True)
+    if len(input_ids) >= args.max_length:
+        raise DataError(f"{where}: prompt of {len(input_ids)} tokens leaves no room under max_length={args.max_length}")
+    targets = [-100] * len(input_ids)
+    for step, label in zip(steps, classes):
+        step_ids = encoder.tokenizer(step, add_special_tokens=False)["input_ids"] + separator_ids
+        if len(input_ids) + len(step_ids) > args.max_length:
+            break  # only whole steps are kept, so a label always follows its complete step
+        input_ids = input_ids + step_ids
+        targets = targets + [-100] * (len(step_ids) - 1) + [label]
+    if all(t == -100 for t in targets):
+        raise DataError(f"{where}: no labelled step fits within max_length={args.max_length}")
+    return {"input_ids": input_ids, "labels": targets}
+
+
+def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
+    encoder, items, skipped = ChatEncoder(tokenizer), [], []
+    separator_ids = separator_token_ids(tokenizer, args)
+    for where, row in iter_rows(args):
+        try:
+            items.append(encode_row(row, where, encoder, separator_ids, args))
+        except DataError as error:
+            keep_or_raise(args, error, skipped)
+    return items, skipped
+
+
+def collate(items: list[dict], tokenizer, args: Args, device: torch.device) -> dict:
+    """Right-pad a micro-batch; padding gets label -100."""
+    width = max(len(i["input_ids"]) for i in items)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([i["input_ids"] + [pad] * (width - len(i["input_ids"])) for i in items]),
+        "attention_mask": torch.tensor([[1] * len(i["input_ids"]) + [0] * (width - len(i["input_ids"])) for i in items]),
+        "labels": torch.tensor([i["labels"] + [-100] * (width - len(i["labels"])) for i in items]),
+    }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    batch["num_items"] = int((batch["labels"] != -100).sum())  # the loss is a mean over labelled steps
+    return batch
+
+
+# ==================================================================================================
+# Model and tokenizer
+# ==================================================================================================
+
+
+def load_tokenizer(args: Args):
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token works; EOS is always present.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
+    """The token-classification model with a two-class (incorrect, correct) head (with its PEFT adapters when `trainable`), on this process's device."""
+    model = AutoModelForTokenClassification.from_pretrained(
+        args.model_name_or_path, num_labels=2, id2label={0: "incorrect", 1: "correct"}, label2id={"incorrect": 0, "correct": 1}, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+    )
+    model.config.use_cache = False  # the KV cache only helps generation
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower steps for far less activation memory.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ==================================================================================================
+# Loss
+# ==================================================================================================
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere, the classifier's included (TRL's PRM trainer did the same by default): the
+    run stays deterministic whatever the batch split, and training scores match inference scores."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def step_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the step classes at the labelled positions (labels != -100):
+
+        L_PRM = -(1 / N) · Σ_solutions Σ_k log p_θ(c_k | x, s_1, ..., s_k),   c_k ∈ {0 incorrect, 1 correct}
+
+    logits: [batch, seq, 2]; labels: [batch, seq], the class of step k on the last token of the separator
+    after it. Lightman et al. (2023) train the PRM to predict each step's label after the step's last token
+    (as a label token of the LM; here a 2-class head) and give no numbered equation. N is the number of
+    labelled steps in the whole optimizer step, so every step weighs the same, as in TRL's PRMTrainer (last
+    shipped in TRL 1.9), whose loss is token classification over the batch: a solution with more steps
+    counts more than one with fewer. Returns the sum; the training loop divides by N across micro-batches
+    and processes.
+    """
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
+    """Summed loss over the micro-batch's labelled steps, plus summed metrics (the loop divides by their count)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss_sum = step_classification_loss(logits, batch["labels"])
+    with torch.no_grad():
+        labelled = batch["labels"] != -100
+        step_logits, step_labels = logits[labelled].float(), batch["labels"][labelled]
+        metrics = {
+            "step_accuracy": (step_logits.argmax(-1) == step_labels).float().sum(),
+            "p_correct": step_logits.softmax(-1)[:, CORRECT].sum(),  # mean predicted P(correct) over labelled steps
+            "label_correct": (step_labels == CORRECT).float().sum(),  # share of steps labelled correct (the base rate)
+        }
+    return loss_sum, metrics
+
+
+# ==================================================================================================
+# Optimiser and schedule
+# ==================================================================================================
+
+
+def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matrices only: decaying biases and norm gains hurts fine-tuning."""
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+
+
+def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
+    """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{num_items} training items are fewer than one optimizer step uses ({per_step} = batch "
+            f"{args.per_device_train_batch_size} x accumulation {args.gradient_accumulation_steps} x {num_processes} processes)"
+        )
+    total = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
+    return per_step, steps_per_epoch, total
+
+
+def step_indices(step: int, num_items: int, per_step: int, steps_per_epoch: int, args: Args, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches (lists of item indices) for optimizer step `step`.
+
+    The order is a seeded permutation per epoch, so it depends only on (seed, step): a resumed run sees
+    exactly the items the uninterrupted run would have. Each process takes a contiguous slice of the
+    step's items, so the union over processes is the same global batch whatever the process count.
+    """
+    epoch, offset = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    items = order[offset * per_step : (offset + 1) * per_step]
+    share = per_step // world
+    mine = items[rank * share : (rank + 1) * share]
+    size = args.per_device_train_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+# ==================================================================================================
+# Checkpoints: atomic saves, exact resume
+# ==================================================================================================
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, scheduler, args: Args) -> Path:
+    """Write output_dir/checkpoint-<step>: trainable weights, optimiser, schedule, every process's RNG.
+
+    Atomic: everything goes to a hidden temporary directory that is renamed only when complete, so a run
+    killed mid-save still has its previous checkpoint intact. Only trainable parameters are stored (with
+    PEFT that is the adapter, not the frozen base model).
+    """
+    output_dir = Path(args.output_dir)
+    final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {name: p.detach().cpu() for name, p in unwrapped.named_parameters() if p.requires_grad}
+        state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, temporary / "state.pt")
+        (temporary / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    torch.save(rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)  # rename(2): atomic within one filesystem
+        checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(args: Args) -> Path:
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not (path / "state.pt").is_file():
+            raise SystemExit(f"error: {path} is not a checkpoint (no state.pt)")
+        return path
+    checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if not checkpoints:
+        raise SystemExit(f"error: --resume_from_checkpoint latest: no checkpoint-* in {args.output_dir}")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the step to continue from."""
+    # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise SystemExit(f"error: {path} does not match this model (unexpected {unexpected[:3]}, missing {sorted(trainable & set(missing))[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "scaler" in state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["step"])
+
+
+# ==================================================================================================
+# Training loop
+# ==================================================================================================
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def check_output_dir(args: Args) -> None:
+    """Never mix two runs in one directory by accident."""
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise SystemExit(
+            f"error: output directory {output_dir} exists and is not empty. Use --resume_from_checkpoint latest "
+            "to continue that run, --overwrite_output_dir true to write into it anyway, or another --output_dir."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_output_dir(args)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(args.mixed_precision),
+        log_with=args.report_to or None,
+        # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU box) only form a gloo
+        # process group when accelerate is told to use the CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    accelerator.wait_for_everyone()  # every process has checked the output directory before anyone writes to it
+    set_seed(args.seed)  # same seed on every process: identical initial adapter weights and data order
+    output_dir = Path(args.output_dir)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(args)
+    items, skipped = build_items(args, tokenizer)
+    say(f"{len(items)} training items from {args.dataset}" + (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""))
+    per_step, steps_per_epoch, total_steps = plan_steps(len(items), args, accelerator.num_processes)
+    model = load_model(args, accelerator)
+    model.config.pad_token_id = tokenizer.pad_token_id  # saved with final/, for consumers that batch
+    disable_dropout(model)
+    say("(Starting from a causal LM, a load report of lm_head.weight UNEXPECTED and score.weight MISSING is expected: the LM head is dropped and the new score head starts from random.)")
+    context: dict = {}
+    optimizer = make_optimizer(model, args, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule is built on the prepared optimiser but not passed to prepare(): accelerate would step it
+    # once per process, and then 1 and N processes would follow different learning-rate curves.
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    start_step = 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start_step = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler)
+        say(f"resumed from {checkpoint} at step {start_step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to:
+        accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
+    say(
+        f"{total_steps} optimizer steps of {per_step} items "
+        f"({args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+    )
+
+    model.train()
+    progress = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train")
+    last_checkpoint = None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        micro_batches = [
+            collate([items[i] for i in indices], tokenizer, args, accelerator.device)
+            for indices in step_indices(step, len(items), per_step, steps_per_epoch, args, accelerator.process_index, accelerator.num_processes)
+        ]
+        # The loss of a step is a sum over all its micro-batches on all processes divided by the global number
+        # of labelled steps, so accumulation and data parallelism give exactly the gradient of one big batch.
+        local_count = sum(batch["num_items"] for batch in micro_batches)
+        global_count = accelerator.reduce(torch.tensor(float(local_count), device=accelerator.device), reduction="sum").item()
+        sums: dict[str, float] = {}
+        for index, batch in enumerate(micro_batches):
+            is_last = index == len(micro_batches) - 1
+            with nullcontext() if is_last else accelerator.no_sync(model):
+                loss_sum, metrics = compute_loss(model, batch, args, context)
+                # DDP averages gradients over processes; multiplying by their number turns that into a sum.
+                accelerator.backward(loss_sum * accelerator.num_processes / global_count)
+            for name, value in {"loss": loss_sum.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + value
+        names = sorted(sums)
+        totals = accelerator.reduce(torch.stack([torch.as_tensor(sums[n], device=accelerator.device, dtype=torch.float32) for n in names]), reduction="sum")
+        logs = {name: value / global_count for name, value in zip(names, totals.tolist())}
+        if not math.isfinite(logs["loss"]):
+            raise SystemExit(
+                f"error: the loss became {logs['loss']} at step {step + 1}; stopping before the update. "
+                f"Last good checkpoint: {last_checkpoint or 'none yet'}. Lower the learning rate or check the data."
+            )
+        if args.max_grad_norm > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs.update(step=step + 1, epoch=(step + 1) / steps_per_epoch, learning_rate=scheduler.get_last_lr()[0], step_seconds=time.perf_counter() - started)
+        progress.update(1)
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "step_accuracy",)})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(logs) + "\n")
+            if args.report_to:
+                accelerator.log(logs, step=step + 1)
+        if args.save_steps > 0 and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            last_checkpoint = save_checkpoint(step + 1, accelerator, model, optimizer, scheduler, args)
+    progress.close()
+    save_final(accelerator, model, tokenizer, args)
+    if args.report_to:
+        accelerator.end_training()
+    say(f"done: {output_dir / 'final'}")
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
+    """The trained weights in Hugging Face format (the full model)."""
+    final_dir = Path(args.output_dir) / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    if accelerator.is_main_process:
+        write_scorer_card(final_dir, tokenizer, args)
+    accelerator.wait_for_everyone()
+
+
+SCORER_CARD = "ptcompile_scorer.json"
+
+
+def write_scorer_card(final_dir: Path, tokenizer, args: Args) -> None:
+    """final/ptcompile_scorer.json: how to score solutions step by step with the saved model (read by
+    ptcompile's test-time search and RL scripts; any consumer can follow it by hand)."""
+    card = {
+        "format_version": 1,
+        "kind": "process_reward",
+        "method": 'process-reward-model',
+        "model_class": "AutoModelForTokenClassification",
+        "num_labels": 2,
+        "load_doc": (
+            "model = AutoModelForTokenClassification.from_pretrained(final_dir, num_labels=num_labels).eval(); "
+            "model.config.pad_token_id = pad_token_id  (an adapter loads the same way when peft is installed)"
+        ),
+        "labels": {"0": "incorrect", "1": "correct"},
+        "correct_class": CORRECT,
+        "step_separator": args.step_separator,
+        "separator_ids": separator_token_ids(tokenizer, args),
+        "input": "chat_prompt_then_steps",
+        "input_doc": (
+            "ids = tokenizer(tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True), "
+            "add_special_tokens=False)['input_ids']; then for each step: ids += tokenizer(step, add_special_tokens=False)"
+            "['input_ids'] + separator_ids"
+        ),
+        "read": "separator_ends",
+        "read_doc": "score of step k = softmax(logits[end_k])[correct_class], end_k = position of the last separator token after step k",
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_length": args.max_length,
+        "trained_on_last_step_only": args.train_on_last_step_only,
+        "adapter": False,
+        "base_model": args.model_name_or_path,
+    }
+    (final_dir / SCORER_CARD).write_text(json.dumps(card, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
