@@ -165,3 +165,16 @@ def tiny_sum_solver(kb, tiny, tmp_path_factory) -> Path:
     args += ["--max_steps", "60", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16"]
     run_script(generated_script("sft"), args, cwd=workdir)
     return workdir / "run" / "final"
+
+
+@pytest.fixture(scope="session")
+def tiny_sum_prm(kb, tiny, tiny_sum_solver, tmp_path_factory) -> Path:
+    """final/ of a process reward model trained by the generated PRM script on the bundled sum_steps.jsonl
+    (Math-Shepherd-style labels for the errors tiny_sum_solver makes), starting from tiny_sum_solver itself
+    (PRMs are usually initialised from the policy; the random-init tiny model learns the checks far slower).
+    Step accuracy on its training data reaches ~0.97 in 500 steps of 32."""
+    workdir = tmp_path_factory.mktemp("sum-prm")
+    flags = ["--model_name_or_path", str(tiny_sum_solver), "--dataset", str(tiny / "data" / "sum_steps.jsonl"), "--max_steps", "500", "--learning_rate", "3e-3"]
+    flags += ["--per_device_train_batch_size", "32", "--num_train_epochs", "100", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine", "--logging_steps", "100"]
+    train_tiny(kb, "process-reward-model", tiny, workdir, flags, name="prm")
+    return workdir / "prm" / "final"
