@@ -19,6 +19,10 @@ download. Each generator documents what a model can learn from it:
 - sum_steps: step labels for those sums with the errors a partly trained solver makes (a wrong sum, a wrong
   operand) and Math-Shepherd-style labels (a step is correct when the solution is still on track), so a PRM
   trained on it ranks the solver's partial solutions for PRM-guided beam search.
+- successor: "What is a plus 1?" with a one-token answer, for RL learning tests. The answer depends on one
+  prompt token, which the tiny model can learn (a + b cannot be learnt in a CPU-test budget); the
+  policy-gradient tests warm-start the model on a noisy version (half the answers random) so sampling is
+  right about half the time while the most likely answer is right, and reward can then visibly rise.
 """
 
 from __future__ import annotations
@@ -206,6 +210,13 @@ def sum_step_rows(n: int = 1024, seed: int = 11) -> Iterator[dict[str, Any]]:
         yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
 
 
+def successor_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        a = rng.randint(0, 8)
+        yield {"prompt": f"What is {a} plus 1? Answer with a digit.", "answer": str(a + 1)}
+
+
 GENERATORS = {
     "chat.jsonl": chat_rows,
     "instruction.jsonl": instruction_rows,
@@ -214,6 +225,7 @@ GENERATORS = {
     "unpaired.jsonl": unpaired_rows,
     "math.jsonl": math_rows,
     "steps.jsonl": step_rows,
+    "successor.jsonl": successor_rows,
 }
 
 EXTRA_GENERATORS = {

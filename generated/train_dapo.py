@@ -1064,6 +1064,8 @@ def check_compiled_choices(args: Args) -> None:
     for name, value in compiled.items():
         if getattr(args, name) != value:
             raise SystemExit(f"error: this script was compiled with {name}={value!r}; recompile with `ptcompile dapo --set {name}={getattr(args, name)}` instead of --{name}")
+    if args.soft_punish_cache >= args.max_completion_length:
+        raise SystemExit(f"error: soft_punish_cache ({args.soft_punish_cache}) must be smaller than max_completion_length ({args.max_completion_length}): the punishment zone is the last soft_punish_cache tokens before the limit (Eq. 13)")
 
 
 def round_prompts(step: int, wave: int, num_items: int, per_round: int, steps_per_epoch: int, args: Args) -> list[int]:
