@@ -175,6 +175,8 @@ def _family_fields(recipe: Recipe, model_fields: list[RuntimeField], run_fields:
             "model_dtype": RuntimeField("model_dtype", "str", recipe.model.dtype, "dtype the weights are loaded in: float32, bfloat16 or float16 (nothing is trained, so the preset's dtype)."),
             "output_dir": RuntimeField("output_dir", "str", f"runs/{recipe.method.id}", "Where samples.jsonl (every sample, its answer and score) and accuracy.json (accuracy per budget) go."),
         }
+        split = next(f for f in model_fields if f.name == "dataset_split")
+        replaced["dataset_split"] = RuntimeField("dataset_split", "str", split.value, "Hub dataset split (the preset's training split by default; pass the held-out split, e.g. test, to measure accuracy on unseen problems).")
         model_fields = [replaced.get(f.name, f) for f in model_fields]
     output = next(i for i, f in enumerate(model_fields) if f.name == "output_dir")
     return model_fields[:output] + extra + model_fields[output:], run_fields

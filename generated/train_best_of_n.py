@@ -72,7 +72,8 @@ class Args:
     dataset_config: str = 'main'
     """Hub dataset configuration name ('' for none)."""
     dataset_split: str = 'train'
-    """Hub dataset split."""
+    """Hub dataset split (the preset's training split by default; pass the held-out split, e.g.
+    test, to measure accuracy on unseen problems)."""
     prompt_column: str = 'question'
     """Column holding prompt: a string or a list of messages."""
     answer_column: str = 'answer'
