@@ -189,4 +189,46 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
             run_fields.append(RuntimeField("merge_adapter", "bool", True, "Merge the adapter into the base weights before the final save, so final/ loads as a plain scorer (false: save only the adapter)."))
         else:
             run_fields.append(RuntimeField("merge_adapter", "bool", False, "Merge the adapter into the base weights before the final save."))
+    model_fields, run_fields = _family_fields(recipe, model_fields, run_fields)
     return [("Model and data", model_fields), ("Run", run_fields)]
+
+
+TRAINING_ONLY = {"gradient_checkpointing", "logging_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "report_to", "merge_adapter"}
+"""Run fields that mean nothing to a script that does not train (test-time scaling)."""
+
+
+def _family_fields(recipe: Recipe, model_fields: list[RuntimeField], run_fields: list[RuntimeField]) -> tuple[list[RuntimeField], list[RuntimeField]]:
+    """Fields of the generation-based families (inference, rejection-sampling, constitutional)."""
+    family = recipe.family
+    if family not in ("inference", "rejection-sampling", "constitutional"):
+        return model_fields, run_fields
+    extra: list[RuntimeField] = []
+    variant = recipe.variant
+    if family == "inference" and variant == "prm_beam_search":
+        extra.append(RuntimeField("prm_path", "str", "", "The final/ directory of a ptcompile process reward model run (AutoModelForTokenClassification + ptcompile_scorer.json), which scores partial solutions step by step. Required."))
+    if (family, variant) in (("inference", "best_of_n"), ("rejection-sampling", "rft")):
+        extra.append(
+            RuntimeField(
+                "reward_model_path",
+                "str",
+                "",
+                "The final/ directory of a ptcompile reward model run (AutoModelForSequenceClassification + ptcompile_scorer.json) that scores each sample; '' uses the answer verifier instead (1 when the final answer equals the reference, else 0).",
+            )
+        )
+    if variant in ("prm_beam_search", "best_of_n", "rft"):
+        extra.append(RuntimeField("reward_batch_size", "int", 16, "Sequences per forward pass of the reward model or PRM."))
+    if family == "constitutional":
+        extra.append(RuntimeField("constitution", "str", "", "A JSON file with the principles to critique and revise against (a list of {name, critique, revision}); '' uses the constitution bundled in this script."))
+    extra.append(RuntimeField("max_prompts", "int", 0, "Use only the first N usable prompts of the dataset (0: all)."))
+    if family == "inference":
+        extra.append(RuntimeField("sweep", "str", "", "Comma-separated budgets to report accuracy for (e.g. 1,4,16); '' picks the default sweep. The table goes to output_dir/accuracy.json."))
+        run_fields = [f for f in run_fields if f.name not in TRAINING_ONLY]
+        replaced = {
+            "model_dtype": RuntimeField("model_dtype", "str", recipe.model.dtype, "dtype the weights are loaded in: float32, bfloat16 or float16 (nothing is trained, so the preset's dtype)."),
+            "output_dir": RuntimeField("output_dir", "str", f"runs/{recipe.method.id}", "Where samples.jsonl (every sample, its answer and score) and accuracy.json (accuracy per budget) go."),
+        }
+        split = next(f for f in model_fields if f.name == "dataset_split")
+        replaced["dataset_split"] = RuntimeField("dataset_split", "str", split.value, "Hub dataset split (the preset's training split by default; pass the held-out split, e.g. test, to measure accuracy on unseen problems).")
+        model_fields = [replaced.get(f.name, f) for f in model_fields]
+    output = next(i for i, f in enumerate(model_fields) if f.name == "output_dir")
+    return model_fields[:output] + extra + model_fields[output:], run_fields

@@ -12,6 +12,13 @@ download. Each generator documents what a model can learn from it:
   wrong step (Math-Shepherd-style reachability labels).
 - arithmetic_steps: two-step sums of small digits where each step's label is its own arithmetic (half the steps
   wrong, independently), so a process reward model learns to check steps within seconds (see below).
+- sums / sum_solutions: three-term sums of the digits 0-2 as prompts with reference answers, and their worked
+  two-step solutions as chat. A short SFT on the solutions makes the tiny model right only some of the time,
+  which is what test-time scaling (best-of-N, majority vote, PRM beam search) and rejection sampling need;
+  steps are written as in arithmetic_steps ("a plus b is s.").
+- sum_steps: step labels for those sums with the errors a partly trained solver makes (a wrong sum, a wrong
+  operand) and Math-Shepherd-style labels (a step is correct when the solution is still on track), so a PRM
+  trained on it ranks the solver's partial solutions for PRM-guided beam search.
 - successor: "What is a plus 1?" with a one-token answer, for RL learning tests. The answer depends on one
   prompt token, which the tiny model can learn (a + b cannot be learnt in a CPU-test budget); the
   policy-gradient tests warm-start the model on a noisy version (half the answers random) so sampling is
@@ -145,6 +152,64 @@ def arithmetic_step_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]
         yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
 
 
+def _sum_terms(rng: random.Random) -> tuple[int, int, int]:
+    return rng.randint(0, 2), rng.randint(0, 2), rng.randint(0, 2)
+
+
+def sum_rows(n: int = 256, seed: int = 9) -> Iterator[dict[str, Any]]:
+    """Prompts "What is a plus b plus c?" with the sum as the reference answer (format: prompt)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, c = _sum_terms(rng)
+        yield {"prompt": f"What is {a} plus {b} plus {c}?", "answer": str(a + b + c)}
+
+
+def sum_solution_rows(n: int = 256, seed: int = 10) -> Iterator[dict[str, Any]]:
+    """The same kind of sums solved in two steps separated by a blank line, always correctly (format: chat)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        a, b, c = _sum_terms(rng)
+        solution = f"{a} plus {b} is {a + b}.\n\n{a + b} plus {c} is {a + b + c}."
+        yield {"messages": [{"role": "user", "content": f"What is {a} plus {b} plus {c}?"}, {"role": "assistant", "content": solution}]}
+
+
+def sum_step_rows(n: int = 1024, seed: int = 11) -> Iterator[dict[str, Any]]:
+    """Process labels for the two-step solutions of sum_rows, with the errors a partly trained solver makes.
+
+    Each step is right with probability 2/3; otherwise it has a wrong sum (off by 1 or 2) or a wrong operand
+    (step 1: a number that is not in the question; step 2: not the result of step 1, or not the third
+    number). A step is labelled correct when it and every step before it are right (the solution is still
+    on track, as Math-Shepherd's labels say), so a PRM's score at the last step of a prefix estimates whether
+    the prefix can still end in the right answer: what beam search ranks prefixes by.
+    """
+    rng = random.Random(seed)
+
+    def off(value: int) -> int:
+        return rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0])
+
+    def other(digit: int) -> int:
+        return rng.choice([d for d in range(3) if d != digit])
+
+    def kind() -> str:
+        return "right" if rng.random() < 2 / 3 else rng.choice(["sum", "operand"])
+
+    for _ in range(n):
+        a, b, c = _sum_terms(rng)
+        first = kind()
+        x, y = a, b
+        if first == "operand":
+            x, y = (other(a), b) if rng.random() < 0.5 else (a, other(b))
+        s = x + y if first != "sum" else off(x + y)
+        second = kind()
+        left, right = s, c
+        if second == "operand":
+            left, right = (off(s), c) if rng.random() < 0.5 else (s, other(c))
+        t = left + right if second != "sum" else off(left + right)
+        steps = [f"{x} plus {y} is {s}.", f"{left} plus {right} is {t}."]
+        labels = [first == "right", first == "right" and second == "right"]
+        yield {"prompt": f"What is {a} plus {b} plus {c}?", "steps": steps, "labels": labels}
+
+
 def successor_rows(n: int = 256, seed: int = 7) -> Iterator[dict[str, Any]]:
     rng = random.Random(seed)
     for _ in range(n):
@@ -165,6 +230,9 @@ GENERATORS = {
 EXTRA_GENERATORS = {
     "arithmetic_steps.jsonl": arithmetic_step_rows,
     "successor.jsonl": successor_rows,
+    "sums.jsonl": sum_rows,
+    "sum_solutions.jsonl": sum_solution_rows,
+    "sum_steps.jsonl": sum_step_rows,
 }
 """Datasets added after the bundled tokenizer was trained: written like the others, but kept out of corpus() so
 tools/build_tiny_tokenizer.py still rebuilds the shipped tokenizer exactly."""

@@ -415,7 +415,7 @@ def encode_row(row: dict, where: str, encoder: ChatEncoder, args: Args) -> dict:
 
 def build_items(args: Args, tokenizer) -> tuple[list[dict], list[str]]:
     encoder, items, skipped = ChatEncoder(tokenizer), [], []
-    for where, row in iter_rows(args):
+    for where, row in iter_rows(args, skipped):
         try:
             items.append(encode_row(row, where, encoder, args))
         except DataError as error:
@@ -539,14 +539,19 @@ class SeededSampler(LogitsProcessor):
 
     Gumbel-max: argmax_v(logit_v / T + g_v) with g_v = -log(-log u_v), u_v ~ U(0, 1) i.i.d., is a draw from
     softmax(logit / T). Tokens outside the top-p nucleus get -inf first, so the draw is from the renormalised
-    nucleus, as with top-p sampling. The u_v come from counter_uniform, keyed by each row's seed.
+    nucleus, as with top-p sampling. The u_v come from counter_uniform, keyed by each row's seed. With
+    top_k > 0 only the k most likely tokens (and any tied with the k-th) can be drawn; top-k is applied
+    before top-p, as transformers does.
     """
 
-    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
-        self.seeds, self.prompt_width, self.temperature, self.top_p = seeds, prompt_width, temperature, top_p
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float, top_p: float, top_k: int = 0):
+        self.seeds, self.prompt_width, self.temperature, self.top_p, self.top_k = seeds, prompt_width, temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.float() / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             # Keep the smallest set of most likely tokens whose probability reaches top_p (always >= 1 token).
             sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
@@ -571,6 +576,8 @@ class Rollout:
     """True where generation hit max_new_tokens before any end-of-sequence token."""
     texts: list[str]
     """Each completion decoded without special tokens (what rewards and judges read)."""
+    stopped: list[bool] = dataclasses.field(default_factory=list)
+    """With a stop string: True where the row ended at it (the row is cut right after it). Empty otherwise."""
 
 
 def end_of_sequence_ids(tokenizer, model) -> set[int]:
@@ -591,6 +598,24 @@ def cut_at_end(rows: list[list[int]], eos_ids: set[int]) -> tuple[list[list[int]
     return kept, truncated
 
 
+def cut_at_stop(rows: list[list[int]], stop: str, tokenizer) -> tuple[list[list[int]], list[bool]]:
+    """Cut each row right after the token that completes the first occurrence of `stop` in its text; rows
+    without it are kept whole. (The shortest such prefix is found by bisection: containment is monotone.)"""
+    kept, stopped = [], []
+    for row in rows:
+        if stop not in tokenizer.decode(row):
+            kept.append(row)
+            stopped.append(False)
+            continue
+        low, high = 1, len(row)
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if stop in tokenizer.decode(row[:middle]) else (middle + 1, high)
+        kept.append(row[:low])
+        stopped.append(True)
+    return kept, stopped
+
+
 @torch.no_grad()
 def sample_completions(
     model,
@@ -604,16 +629,21 @@ def sample_completions(
     greedy: bool = False,
     accelerator: Accelerator,
     vllm=None,
+    top_k: int = 0,
+    stop: str | None = None,
 ) -> Rollout:
     """Generate one completion per entry of `prompts` (token lists), batched with left padding.
 
     `seeds[i]` names row i's random stream (see stream_seed); with greedy=True the most likely token is
     taken at every step and the seeds are unused. With a VLLMGenerator the same seeds go to vLLM's
     per-request sampler instead (vLLM draws differently from transformers, so runs are reproducible with
-    either engine, not across the two).
+    either engine, not across the two). top_k > 0 restricts sampling to the k most likely tokens; a `stop`
+    string ends a row where its text first contains it (Rollout.stopped), e.g. at the end of a reasoning step.
     """
     eos_ids = end_of_sequence_ids(tokenizer, accelerator.unwrap_model(model))
     if vllm is not None:
+        if top_k or stop:
+            raise SystemExit("error: top_k and stop strings are not passed on to vLLM here; run with --use_vllm false")
         rows = vllm.generate(prompts, seeds, temperature, top_p, max_new_tokens, greedy)
     else:
         policy = accelerator.unwrap_model(model)
@@ -635,14 +665,19 @@ def sample_completions(
         processors = LogitsProcessorList()
         if not greedy:
             seed_tensor = torch.tensor([s & ((1 << 63) - 1) for s in seeds], dtype=torch.long, device=accelerator.device)
-            processors.append(SeededSampler(seed_tensor, ids.shape[1], temperature, top_p))
+            processors.append(SeededSampler(seed_tensor, ids.shape[1], temperature, top_p, top_k))
+        stopping = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
         with accelerator.autocast():
-            output = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+            output = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors, **stopping)
         rows = output[:, ids.shape[1] :].tolist()
         policy.train(was_training)
     completions, truncated = cut_at_end(rows, eos_ids)
+    stopped = []
+    if stop:
+        completions, stopped = cut_at_stop(completions, stop, tokenizer)
+        truncated = [cut_short and not ended for cut_short, ended in zip(truncated, stopped)]
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=completions, truncated=truncated, texts=texts)
+    return Rollout(prompt_ids=[list(p) for p in prompts], completion_ids=completions, truncated=truncated, texts=texts, stopped=stopped)
 
 
 def sequence_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device: torch.device) -> dict:

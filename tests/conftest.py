@@ -153,3 +153,28 @@ def tiny_prm(kb, tiny, tmp_path_factory) -> Path:
     """final/ of a process reward model trained on the tiny arithmetic steps (a step is correct exactly when
     its sum is right; step accuracy ~0.94 at the end of training). Load it as its ptcompile_scorer.json says."""
     return train_tiny_scorer(kb, "process-reward-model", tiny, tmp_path_factory.mktemp("tiny-prm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sum_solver(kb, tiny, tmp_path_factory) -> Path:
+    """The tiny model after 60 SFT steps on worked solutions of three-term sums (bundled sum_solutions.jsonl),
+    trained by the generated SFT script: it solves the bundled sums.jsonl prompts about half of the time at
+    temperature 1, which test-time scaling and rejection sampling need (something to select, something to gain)."""
+    workdir = tmp_path_factory.mktemp("sum-solver")
+    args = tiny_args(kb, "sft", tiny) + FAST + ["--dataset", str(tiny / "data" / "sum_solutions.jsonl"), "--output_dir", str(workdir / "run")]
+    args += ["--max_steps", "60", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16"]
+    run_script(generated_script("sft"), args, cwd=workdir)
+    return workdir / "run" / "final"
+
+
+@pytest.fixture(scope="session")
+def tiny_sum_prm(kb, tiny, tiny_sum_solver, tmp_path_factory) -> Path:
+    """final/ of a process reward model trained by the generated PRM script on the bundled sum_steps.jsonl
+    (Math-Shepherd-style labels for the errors tiny_sum_solver makes), starting from tiny_sum_solver itself
+    (PRMs are usually initialised from the policy; the random-init tiny model learns the checks far slower).
+    Step accuracy on its training data reaches ~0.97 in 500 steps of 32."""
+    workdir = tmp_path_factory.mktemp("sum-prm")
+    flags = ["--model_name_or_path", str(tiny_sum_solver), "--dataset", str(tiny / "data" / "sum_steps.jsonl"), "--max_steps", "500", "--learning_rate", "3e-3"]
+    flags += ["--per_device_train_batch_size", "32", "--num_train_epochs", "100", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine", "--logging_steps", "100"]
+    train_tiny(kb, "process-reward-model", tiny, workdir, flags, name="prm")
+    return workdir / "prm" / "final"
