@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 RESUMABLE: dict[str, tuple[str, ...]] = {
     "sft": (),
     "dpo": (),
-    # "grpo": (),  # GRPO lives on another branch: this line (plus any flags its tiny run needs) is all it takes
+    "grpo": ("--max_completion_length", "8", "--num_generations", "4", "--per_device_train_batch_size", "4"),  # short rollouts keep the 16 steps quick
 }
 """Methods whose scripts must survive SIGKILL + `--resume_from_checkpoint latest` bitwise on CPU, with the
 extra flags their tiny run needs. The comparison is exact (==) for every logged value and final weight."""

@@ -1,7 +1,7 @@
 """Interruption: a training script killed with SIGKILL and started again with --resume_from_checkpoint latest
 continues from its last complete checkpoint and reproduces the uninterrupted run bitwise on CPU (every logged
 value but the wall-clock ones, and the final weights). A kill in the middle of a checkpoint save leaves the
-previous checkpoint as `latest`. The methods come from harness.RESUMABLE (add "grpo" there: one line)."""
+previous checkpoint as `latest`. The methods come from harness.RESUMABLE (SFT, DPO and GRPO; another method is one line there)."""
 
 from __future__ import annotations
 
