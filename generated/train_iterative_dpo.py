@@ -1319,11 +1319,13 @@ def main(argv: list[str] | None = None) -> None:
                 saved.write_text(json.dumps(pairs))  # with the reference log-probs: what a resumed run needs
                 with (output_dir / "rounds.jsonl").open("a") as handle:
                     handle.write(json.dumps(round_logs) + "\n")
-        try:
-            per_step, steps_per_epoch, round_steps = plan_steps(len(pairs), args, accelerator.num_processes)
-        except ValueError as error:
-            say(f"round {round_index + 1}: no training ({error}); stopping")
+        needed = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        if len(pairs) < needed:
+            # The judge found too few non-tied pairs to make one optimizer step: later rounds would start from
+            # the same model and find the same, so the run ends here with the model it has.
+            say(f"round {round_index + 1}: {len(pairs)} pairs are fewer than one optimizer step uses ({needed}); stopping after {round_index} trained round(s)")
             break
+        per_step, steps_per_epoch, round_steps = plan_steps(len(pairs), args, accelerator.num_processes)
         if checkpoint is not None and step + round_steps <= resume_step:
             step += round_steps  # this round ended before the checkpoint
             continue

@@ -1343,7 +1343,10 @@ def plan_iterations(num_items: int, args: Args, num_processes: int) -> tuple[int
     per_iteration = minibatch * args.num_mini_batches
     per_epoch = num_items // per_iteration
     if per_epoch == 0:
-        raise ValueError(f"{num_items} prompts are fewer than one rollout batch ({per_iteration} = minibatch {minibatch} x {args.num_mini_batches} minibatches)")
+        raise SystemExit(
+            f"error: {num_items} prompts are fewer than one rollout batch ({per_iteration} = minibatch {minibatch} x {args.num_mini_batches} minibatches); "
+            "use more prompts, fewer --num_mini_batches or a smaller batch"
+        )
     total = args.max_steps if args.max_steps > 0 else per_epoch * args.num_train_epochs
     return per_iteration, minibatch, per_epoch, total
 
