@@ -62,7 +62,13 @@ def render_gpu_report(kb: KnowledgeBase, data: dict[str, Any]) -> str:
         "",
     ]
     if not runs:
-        lines += ["**No GPU run has happened yet.** None of the methods below has been run on a GPU.", ""]
+        lines += [
+            "**No GPU run has happened yet.** None of the methods below has been run on a GPU: no GPU machine has",
+            "been available to the project's development sessions so far, and CI machines have none. Everything here",
+            "is tested on CPU with the embedded tiny model instead (tests/methods, tests/robustness). On a machine",
+            "with a CUDA GPU, `make test-gpu` runs the suite and fills this table.",
+            "",
+        ]
     else:
         lines += [
             "| method | PEFT | GPU | date | steps | steps/s | tokens/s | peak memory (GiB) | predicted (GiB) | objective | start → end | result |",
