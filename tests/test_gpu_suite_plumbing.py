@@ -1,5 +1,6 @@
 """The GPU suite's plumbing, checked on CPU: every family has a plan, every generated script is a method the
-suite runs, the harness measures a real run and renders the results page, its verdict can fail, and
+suite runs, every plan row runs its scripts end to end (helpers included) and names a key they log, the
+harness measures a real run and renders the results page, its verdict can fail, and
 `ptcompile tiny DIR --shape PRESET` builds models of real presets' shapes."""
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 
-from gpu_harness import Result, judge, merge_results, run_case  # noqa: E402
-from gpu_plans import PLANS, Plan  # noqa: E402
+from gpu_harness import WRITTEN_DATA, Result, judge, merge_results, read_rows, run_case, script_options  # noqa: E402
+from gpu_plans import BASE, HELPERS, PLANS, Plan, plan_for  # noqa: E402
 
 
 def test_every_family_has_a_gpu_plan(kb):
@@ -24,9 +25,53 @@ def test_every_family_has_a_gpu_plan(kb):
 
     families = set(FAMILY_FORMATS) | {e.record.script.family for e in kb.methods.values()}
     assert families <= set(PLANS), f"add a row for {sorted(families - set(PLANS))} to tests/gpu/gpu_plans.py"
+    assert set(PLANS) <= families | set(kb.methods), f"rows that are neither a family nor a method: {sorted(set(PLANS) - families - set(kb.methods))}"
     for family, plan in PLANS.items():
         assert plan.objectives and all(direction in ("up", "down", "none") for _, direction in plan.objectives), family
         assert plan.steps > 0 and plan.margin >= 0
+
+
+def _row_methods(kb) -> dict[str, list[str]]:
+    """Each plan row and the methods it runs (a method's own row, else its family's)."""
+    rows: dict[str, list[str]] = {}
+    for method in sorted(kb.methods):
+        rows.setdefault(method if method in PLANS else kb.methods[method].record.script.family, []).append(method)
+    return rows
+
+
+def _representative(row: str, methods: list[str]) -> str:
+    """The row's method that takes the most of its inputs (distillation-hard for sft: the teacher helper
+    gets built and passed), the first by name among equals."""
+    from conftest import generated_script
+
+    inputs = {flag for flag, _ in PLANS[row].inputs}
+    return sorted(methods, key=lambda m: -len(inputs & script_options(generated_script(m))))[0]  # stable: by name among equals
+
+
+def _kb():
+    from ptcompile.knowledge_base import KnowledgeBase
+
+    return KnowledgeBase.load()
+
+
+ROWS = _row_methods(_kb())
+
+
+def test_every_plan_flag_and_helper_is_used_by_a_script_of_its_row(kb, tiny):
+    """The harness passes a script only the flags it has (a family's row serves all its methods), so a
+    misspelt flag would silently do nothing: each one must be an option of some script the row runs."""
+    from conftest import generated_script
+
+    for row, methods in _row_methods(kb).items():
+        plan = PLANS[row]
+        options = set().union(*(script_options(generated_script(m)) for m in methods))
+        assert len(plan.extra) % 2 == 0, row
+        flags = set(plan.extra[::2]) | {flag for flag, _ in plan.inputs}
+        assert flags <= options, f"row {row}: no script of {methods} has {sorted(flags - options)}"
+        assert all(name == BASE or name in HELPERS for _, name in plan.inputs), row
+    data = {p.name for p in (tiny / "data").glob("*.jsonl")} | set(WRITTEN_DATA)
+    assert all(helper.method in kb.methods for helper in HELPERS.values())
+    assert {h.data for h in HELPERS.values()} | {p.data for p in PLANS.values() if p.data} <= data
 
 
 def test_the_gpu_suite_runs_every_generated_script(kb):
@@ -56,7 +101,9 @@ def test_the_committed_results_page_says_which_methods_never_ran(kb):
 @pytest.mark.parametrize(
     ("values", "direction", "passed"),
     [([5.0, 4.9, 4.8, 3.0, 2.9, 2.8, 2.7, 2.6], "down", True), ([5.0] * 8, "down", False), ([5.0, 6.0] * 4, "down", False),
-     ([0.0, 0.1, 0.2, 0.9, 1.0, 1.1, 1.2, 1.3], "up", True), ([0.0, 0.1, 0.0, 0.1, 0.0, 0.1, 0.0, 0.1], "up", False)],
+     ([0.0, 0.1, 0.2, 0.9, 1.0, 1.1, 1.2, 1.3], "up", True), ([0.0, 0.1, 0.0, 0.1, 0.0, 0.1, 0.0, 0.1], "up", False),
+     # An accuracy table of two budgets: the first against the last, not each against itself.
+     ([0.5, 0.9], "up", True), ([0.9, 0.5], "up", False)],
 )
 def test_the_verdict_can_fail(values, direction, passed):
     plan = Plan((("objective", direction),), margin=0.2)
@@ -70,6 +117,30 @@ def test_a_nan_fails_the_verdict():
     result = Result("m", None, "f", "s.py", "shape", "dev", "2025-01-01")
     judge(plan, [{"loss": v, "step": i} for i, v in enumerate([5.0, 4.0, 3.0, 2.0, math.nan, 1.0, 1.0, 1.0])], result)
     assert not result.finite and not result.passed
+
+
+def test_a_plan_naming_a_key_the_script_does_not_log_fails():
+    plan = Plan((("rewards/margin", "up"),), margin=0.1)
+    result = Result("m", None, "f", "s.py", "shape", "dev", "2025-01-01")
+    with pytest.raises(AssertionError, match="none of \\['rewards/margin'\\] is logged"):
+        judge(plan, [{"loss": 0.7, "step": 1}, {"loss": 0.6, "step": 2}], result)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_each_plan_row_runs_its_scripts_and_names_a_logged_key(kb, tiny, tmp_path, row):
+    """One method per plan row (every family's row, and the rows of methods that differ from their family),
+    2 steps on the tiny model on CPU through the GPU harness, its helper models trained first as on the GPU:
+    the run finishes, logs the row's first objective key (accuracy.json's table for test-time scaling),
+    and every logged number is finite. Fewer prompts keep the generating scripts to seconds."""
+    method = _representative(row, ROWS[row])
+    result, process = run_case(kb, method, None, tiny, tmp_path, "tiny", gpu=False, steps=2, extra=["--max_prompts", "16"])
+    assert process.returncode == 0, (method, process.stdout[-2000:], process.stderr[-3000:])
+    key = PLANS[row].objectives[0][0]
+    logged = set().union(*(r.keys() for r in read_rows(tmp_path / "run")))
+    assert key in logged, f"{method} (row {row}) logs {sorted(logged)}, not {key}: fix the row in tests/gpu/gpu_plans.py"
+    assert result.objective == key and result.finite, (result.objective, result.notes)
+    assert plan_for(kb, method) is PLANS[row]
 
 
 def test_the_harness_measures_a_real_run_and_renders_the_page(kb, tiny, tmp_path):

@@ -3,8 +3,9 @@ plain CPU runs of the test suite unless the marker expression selects gpu (or PT
 
 Every generated script trains on a GPU: a random-init model of a real preset's shape (gpu_plans.SHAPE,
 written by `ptcompile tiny DIR --shape ...` as a user would), bf16 autocast over fp32 master weights, bundled
-learnable data; the objective moves the right way, nothing is NaN, and peak memory stays within the
-estimator's prediction once ptcompile has one. QLoRA runs too (each method compiled with --peft qlora for the
+learnable data, and the helper models a run needs (a teacher, a reward model, a PRM, a warm-started policy:
+gpu_plans.HELPERS) trained first by the generated scripts on the same model; the objective moves the right
+way, nothing is NaN, and peak memory stays within the estimator's prediction once ptcompile has one. QLoRA runs too (each method compiled with --peft qlora for the
 preset). Methods are discovered from the knowledge base, so a new method is covered as soon as it exists.
 Results are merged into docs/gpu-results.json and docs/gpu-results.md is re-rendered at the end."""
 
