@@ -936,9 +936,14 @@ def make_optimizer(model, args: Args, device: torch.device) -> torch.optim.Optim
     )
 
 
+def items_per_step(args: Args, num_processes: int) -> int:
+    """Items one optimizer step uses: batch per device x accumulation x processes."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+
+
 def plan_steps(num_items: int, args: Args, num_processes: int) -> tuple[int, int, int]:
     """(items per optimizer step, optimizer steps per epoch, total optimizer steps)."""
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
+    per_step = items_per_step(args, num_processes)
     steps_per_epoch = num_items // per_step  # the last incomplete step of an epoch is dropped
     if steps_per_epoch == 0:
         raise SystemExit(
@@ -1136,6 +1141,19 @@ def prepare_output_dir(args: Args, start_step: int) -> None:
     os.replace(temporary, metrics)
 
 
+def start_or_resume(args: Args, accelerator: Accelerator, model, optimizer, scheduler, say, unit: str = "step", loss_state: dict | None = None):
+    """(first step, the checkpoint resumed from or None). With --resume_from_checkpoint the checkpoint is
+    loaded (see load_checkpoint); either way the main process then makes output_dir match the run's start."""
+    start, checkpoint = 0, None
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args)
+        start = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, loss_state)
+        say(f"resumed from {checkpoint} at {unit} {start}")
+    if accelerator.is_main_process:
+        prepare_output_dir(args, start)
+    return start, checkpoint
+
+
 # ==================================================================================================
 # Training loop
 # ==================================================================================================
@@ -1259,7 +1277,7 @@ def main(argv: list[str] | None = None) -> None:
     items, skipped = build_items(args, tokenizer)
     report_data(say, args, len(items), skipped, "training items (prompts)")
     # One rollout round = steps_per_generation optimizer steps' worth of prompts (each step: batch x accumulation x processes).
-    per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    per_update = items_per_step(args, accelerator.num_processes)
     per_round = per_update * args.steps_per_generation
     steps_per_epoch = len(items) // per_round
     if steps_per_epoch == 0:
@@ -1280,13 +1298,7 @@ def main(argv: list[str] | None = None) -> None:
         num_training_steps=total_steps * updates_per_step,
     )
     vllm = VLLMGenerator(args, accelerator) if args.use_vllm else None
-    start_step, last_checkpoint = 0, None
-    if args.resume_from_checkpoint:
-        last_checkpoint = find_checkpoint(args)
-        start_step = load_checkpoint(last_checkpoint, accelerator, model, optimizer, scheduler)
-        say(f"resumed from {last_checkpoint} at step {start_step}")
-    if accelerator.is_main_process:
-        prepare_output_dir(args, start_step)
+    start_step, last_checkpoint = start_or_resume(args, accelerator, model, optimizer, scheduler, say)
     if args.report_to:
         accelerator.init_trackers(output_dir.name, config=dataclasses.asdict(args))
     say(
