@@ -922,6 +922,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in table:
         say(f"N = {row['budget']:>4}: accuracy {row['accuracy']:.4f}  coverage {row['coverage']:.4f}  ({row['prompts']} prompts)")
     say(f"done: {output_dir / 'accuracy.json'} and {output_dir / 'samples.jsonl'}")
+    accelerator.end_training()  # closes the process group (no rank exits with collectives in flight)
 
 
 if __name__ == "__main__":
