@@ -6,7 +6,7 @@ and dtype but no storage, so an 8B model "runs" on a laptop in seconds. torch's 
 every live tensor and reports the peak. This is the exact tensor accounting of the code path; a real GPU adds
 the CUDA context and allocator fragmentation on top (see compiler/estimate.py, OVERHEAD_*).
 
-    python benchmarks/fake_memory.py sft qwen2.5-0.5b --seq 512 --batch 2 [--peft lora]
+    python benchmarks/fake_memory.py sft qwen2.5-0.5b --seq 512 --batch 2 [--peft lora] [script flags, e.g. --chunked_loss false]
 """
 
 from __future__ import annotations
@@ -56,7 +56,25 @@ def synthetic_items(family: str, seq: int, batch: int, vocab: int) -> list[dict]
     raise SystemExit(f"fake_memory: family {family} is not covered yet")
 
 
-def measure(method: str, model: str, seq: int, batch: int, peft: str | None = None) -> dict:
+def select_trained_tokens_from_real_data(script, family: str, batch: dict) -> None:
+    """Fake tensors carry no values, so `(targets != -100).nonzero()` in ChunkedOutputLayer.token_logps cannot
+    run under FakeTensorMode. This replaces that one line: the trained positions are read from the real
+    batch (the same mask compute_loss builds), and the rest is the script's own code."""
+    if family == "sft":
+        trained = batch["labels"][:, 1:] != -100
+    else:  # preference and unpaired rows: the completion tokens
+        trained = batch["completion_mask"][:, 1:] > 0
+    rows, positions = trained.nonzero(as_tuple=True)
+
+    def token_logps(self, hidden, targets):
+        assert targets.shape == trained.shape, "a batch this benchmark does not know"
+        logps = script.ChunkedTokenLogps.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
+        return logps, rows
+
+    script.ChunkedOutputLayer.token_logps = token_logps
+
+
+def measure(method: str, model: str, seq: int, batch: int, peft: str | None = None, extra: list[str] | None = None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -65,7 +83,7 @@ def measure(method: str, model: str, seq: int, batch: int, peft: str | None = No
 
     kb, recipe, script = load_script(method, model, peft)
     preset = recipe.model
-    argv = ["--per_device_train_batch_size", str(batch), "--max_length", str(seq)]
+    argv = ["--per_device_train_batch_size", str(batch), "--max_length", str(seq)] + (extra or [])
     args = script.parse_args(argv)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.model_dtype]
     config = AutoConfig.for_model(preset.architecture.model_type, **config_kwargs(preset))
@@ -76,15 +94,21 @@ def measure(method: str, model: str, seq: int, batch: int, peft: str | None = No
 
     items = synthetic_items(recipe.family, seq, batch, preset.architecture.vocab_size)
     batch_tensors = script.collate(items, Tokenizer(), args, torch.device("cpu"))  # real (small) index tensors
+    if hasattr(script, "ChunkedOutputLayer"):
+        select_trained_tokens_from_real_data(script, recipe.family, batch_tensors)
     started = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=True):
         policy = AutoModelForCausalLM.from_config(config, dtype=dtype)
         policy.config.use_cache = False
+        if hasattr(script, "use_chunked_head"):  # what load_model does (--chunked_loss, on by default)
+            script.use_chunked_head(policy, args, print)
         if recipe.peft is not None:
             policy = script.apply_peft(policy, args)
         context: dict = {}
         if getattr(script, "reference_logps", None) is not None and recipe.peft is None:
             context["reference"] = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+            if hasattr(script, "use_chunked_head"):
+                script.use_chunked_head(context["reference"], args, print)
 
         class Autocast:  # what accelerator.autocast() does on a GPU with mixed_precision=bf16
             def autocast(self):
@@ -105,7 +129,7 @@ def measure(method: str, model: str, seq: int, batch: int, peft: str | None = No
                     tracker.reset_mod_stats()
         peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     return {
-        "method": method, "model": model, "peft": peft or "none", "seq": seq, "batch": batch,
+        "method": method, "model": model, "peft": peft or "none", "seq": seq, "batch": batch, "flags": " ".join(extra or []),
         "measured_bytes": int(peak["Total"]),
         "by_kind": {str(k).split(".")[-1]: int(v) for k, v in peak.items() if k != "Total"},
         "seconds": round(time.perf_counter() - started, 1),
@@ -119,8 +143,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--peft")
-    args = parser.parse_args()
-    print(json.dumps(measure(args.method, args.model, args.seq, args.batch, args.peft), indent=2))
+    args, script_flags = parser.parse_known_args()  # anything else goes to the script, e.g. --chunked_loss false
+    print(json.dumps(measure(args.method, args.model, args.seq, args.batch, args.peft, script_flags), indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ ours/TRL. Results go to a JSON file (device name, date, cases with ratio fields)
 
     # the H100 run (issue: >= 1.5x TRL throughput at <= TRL memory)
     python benchmarks/run.py --shape llama3.2-1b --seq 2048 --batch 4 --steps 12 --out benchmarks/results/h100.json
+    # the same with our scripts compiled (every row is --seq tokens: one compile, inside the untimed warm-up)
+    python benchmarks/run.py --shape llama3.2-1b --seq 2048 --batch 4 --steps 12 --ours-flags "--torch_compile true" --out benchmarks/results/h100-compile.json
     # the CPU check of the harness itself (CI)
     python benchmarks/run.py --shape tiny --seq 64 --batch 2 --steps 4 --warmup 1 --out /tmp/bench.json
 """
@@ -83,6 +85,7 @@ def run_ours(case: str, model_dir: Path, data: Path, work: Path, args) -> dict:
         run += ["--max_prompt_length", str(args.seq)]
     else:
         run += ["--text_column", "text"]
+    run += args.ours_flags.split()
     sh(run, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return {"step_seconds": [m["step_seconds"] for m in metrics], "peak_memory_gib": max((m.get("peak_memory_gib") or 0) for m in metrics) or None}
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    parser.add_argument("--ours-flags", default="", help="extra flags for our scripts, e.g. '--torch_compile true' or '--chunked_loss false'")
     parser.add_argument("--work", default="benchmarks/work")
     parser.add_argument("--out", default="benchmarks/results/latest.json")
     args = parser.parse_args()
@@ -148,7 +152,9 @@ def main() -> None:
         results.append({
             "case": case,
             "setting": f"{args.shape} random init, seq {seq}, batch {args.batch}{' pairs' if case == 'dpo' else ''}, "
-                       f"{'bf16 autocast, fp32 master' if case != 'lora' else 'bf16 base, LoRA r=' + str(args.lora_r) + ' all linear'}, no checkpointing",
+                       f"{'bf16 autocast, fp32 master' if case != 'lora' else 'bf16 base, LoRA r=' + str(args.lora_r) + ' all linear'}, no checkpointing"
+                       f"{', ours with ' + args.ours_flags if args.ours_flags else ''}",
+            "ours_flags": args.ours_flags,
             "ours": ours, "trl": trl,
             "throughput_ratio": ours["items_per_second"] / trl["items_per_second"],
             "memory_ratio": memory_ratio,

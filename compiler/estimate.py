@@ -8,12 +8,17 @@ The estimate is the sum of parts whose sizes follow from the model preset's dime
   gradients   4 B per trainable parameter (alive at the end of the backward pass: see tensor_peak);
   optimiser   AdamW's two float32 moments, 8 B per trainable parameter;
   activations saved for the backward pass, per token and decoder layer: ACT_H bytes per hidden unit plus ACT_I
-              per MLP unit (fp32 residual stream, bf16 matmuls); with LoRA each adapted linear also keeps its
+              per MLP unit (fp32 residual stream, bf16 matmuls); with full fine-tuning also the bf16 copies
+              autocast makes of the float32 linear weights (2 B per parameter, kept for the backward pass,
+              whatever the batch); with LoRA each adapted linear also keeps its
               input cast to float32 for the adapter (4 B per input feature; 5 B with dropout: the dropout's
               output and mask); with gradient
               checkpointing only each layer's input (4 or 2 B per hidden unit) plus one layer being recomputed;
   logits      the bf16 logits (2 B per token and vocabulary entry) saved for backward, plus float32 working copies
               in the cross-entropy (8 B per token and entry): the largest single item for 128k-152k vocabularies;
+              with chunked_loss (sft, preference, unpaired families; templates/common/chunked_logps.py.j2) only
+              one chunk of loss_chunk_size tokens lives at a time (CHUNK_WORK B per token and entry), plus a bf16
+              copy of the output weight and, when it trains, its float32 gradient accumulator;
   reference   methods with a frozen reference model and no adapter: a second copy of the weights, and its logits
               while the policy's are still alive;
   generation  online methods: the KV cache of the sampled batch (2 x layers x KV width x 2 B per token);
@@ -23,10 +28,10 @@ The peak of a step is reached either at the start of the backward pass (activati
 optimiser state allocated, gradients not yet materialised) or, for short sequences, at its end (all gradients
 written): `Estimate.tensor_peak` takes the larger.
 
-ACT_H and ACT_I were fitted to fake-tensor measurements of the emitted SFT script's real step
-(benchmarks/fake_memory.py: exact byte accounting of every tensor, no GPU needed) and checked against the H100
-anchor measurement of a plain loop (docs/memory-estimator.md has the table). Validation on a real H100 across
-methods is pending: run benchmarks/validate_estimator.py on a GPU machine.
+ACT_H and ACT_I were fitted to fake-tensor measurements of the emitted SFT script's real step at 8192 tokens per
+micro-batch, where activations dominate (benchmarks/fake_memory.py: exact byte accounting of every tensor, no GPU
+needed; benchmarks/estimator_table.py prints the comparison, docs/memory-estimator.md has it). Validation on a
+real H100 is pending: the scripts log peak_memory_gib on CUDA, and benchmarks/run.py records it.
 """
 
 from __future__ import annotations
@@ -41,10 +46,12 @@ from dataclasses import asdict, dataclass
 from .errors import CompileError
 
 GiB = 1024**3
-ACT_H = 20.7  # bytes per token, layer and hidden unit (fitted; see module docstring)
-ACT_I = 21.6  # bytes per token, layer and MLP unit
+ACT_H = 24.6  # bytes per token, layer and hidden unit (fitted; see module docstring)
+ACT_I = 10.7  # bytes per token, layer and MLP unit
 LOGITS_SAVED = 2  # bf16 logits kept for backward
 LOGITS_WORK = 8  # float32 upcast + log-softmax in the cross-entropy
+LOSS_CHUNK_SIZE = 1024  # the scripts' default --loss_chunk_size
+CHUNK_WORK = 10  # chunked_loss backward: a chunk's float32 logits and softmax-gradient, and its bf16 gradient
 OVERHEAD_FIXED = 0.75 * GiB
 OVERHEAD_FRACTION = 0.05
 NF4_BYTES = 0.5 + 0.127 / 8
@@ -142,7 +149,23 @@ def adapter_params(recipe, arch) -> int:
     return arch.num_layers * (2 * arch.num_key_value_heads * arch.head_dim + arch.intermediate_size)  # IA3
 
 
-def estimate(recipe, seq: int | None = None, batch: int | None = None, gradient_checkpointing: bool = False) -> Estimate:
+def uses_chunked_loss(recipe) -> bool:
+    """Whether the emitted script forms log-probabilities chunk by chunk with its defaults (--chunked_loss true)."""
+    from .runtime_args import CHUNKED_LOSS_FAMILIES, PLAIN_HEAD_MODEL_TYPES
+
+    return recipe.family in CHUNKED_LOSS_FAMILIES and recipe.model.architecture.model_type in PLAIN_HEAD_MODEL_TYPES
+
+
+def output_layer_bytes(recipe, tokens: int, chunked: bool, head_trains: bool) -> float:
+    """Memory of forming the log-probabilities of `tokens` tokens (see `logits` in the module docstring)."""
+    arch = recipe.model.architecture
+    if not chunked:
+        return tokens * arch.vocab_size * (LOGITS_SAVED + LOGITS_WORK)
+    weight = arch.vocab_size * arch.hidden_size
+    return min(tokens, LOSS_CHUNK_SIZE) * arch.vocab_size * CHUNK_WORK + 2.0 * weight + (4.0 * weight if head_trains else 0.0)
+
+
+def estimate(recipe, seq: int | None = None, batch: int | None = None, gradient_checkpointing: bool = False, chunked_loss: bool = True) -> Estimate:
     arch = recipe.model.architecture
     seq = seq or (recipe.hp("max_length") if recipe.has("max_length") else 1024)
     batch = batch or (recipe.hp("per_device_train_batch_size") if recipe.has("per_device_train_batch_size") else 1)
@@ -179,12 +202,15 @@ def estimate(recipe, seq: int | None = None, batch: int | None = None, gradient_
         activations = tokens * (arch.num_layers * residual_bytes * h + per_token_layer)
     else:
         activations = tokens * arch.num_layers * per_token_layer
-    logits = tokens * arch.vocab_size * (LOGITS_SAVED + LOGITS_WORK)
+    if recipe.peft is None:
+        activations += 2.0 * counts["linear"]  # autocast's bf16 copies of the float32 linear weights
+    chunked = chunked_loss and uses_chunked_loss(recipe)
+    logits = output_layer_bytes(recipe, tokens, chunked, head_trains=recipe.peft is None)
     reference = 0.0
     if recipe.method.needs.reference_model and recipe.peft is None and recipe.family in ("preference", "unpaired", "online-preference", "ppo", "policy-gradient"):
         precomputed = recipe.has("precompute_ref_log_probs") and recipe.hp("precompute_ref_log_probs")
         if not precomputed:
-            reference = 4.0 * total_params + tokens * arch.vocab_size * (LOGITS_SAVED + LOGITS_WORK)
+            reference = 4.0 * total_params + output_layer_bytes(recipe, tokens, chunked, head_trains=False)
     generation = 0.0
     if recipe.method.needs.generation:
         kv_width = arch.num_key_value_heads * arch.head_dim
@@ -242,6 +268,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seq", type=int, help="tokens per sequence (default: the recipe's max_length)")
     parser.add_argument("--batch", type=int, help="per-device micro-batch (default: the recipe's)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-chunked-loss", dest="chunked_loss", action="store_false", help="as the script with --chunked_loss false (full logits)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--taxonomy", metavar="DIR")
@@ -250,13 +277,14 @@ def main(argv: list[str]) -> int:
 
     kb = KnowledgeBase.load(Path(args.taxonomy) if args.taxonomy else None)
     recipe = resolve(kb, args.method, args.model, args.peft, args.overrides)
-    result = estimate(recipe, args.seq, args.batch, args.gradient_checkpointing)
+    result = estimate(recipe, args.seq, args.batch, args.gradient_checkpointing, args.chunked_loss)
     verdicts = {label: result.total / GiB <= capacity for label, capacity in GPUS.items()}
     if args.json:
         print(json.dumps({**asdict(result), "tensor_peak": result.tensor_peak, "total": result.total, "total_gib": result.total / GiB, "fits": verdicts}, indent=2))
         return 0
     print(f"{recipe.method.id} x {recipe.model.id} ({recipe.peft.id if recipe.peft else 'full fine-tuning'}), {result.tokens} tokens per micro-batch"
-          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
+          + (", gradient checkpointing" if args.gradient_checkpointing else "")
+          + (", chunked loss" if args.chunked_loss and uses_chunked_loss(recipe) else ""))
     print(f"parameters: {result.total_params / 1e9:.3f} B total, {result.trainable_params / 1e6:.1f} M trainable")
     for name in ("weights", "optimizer", "gradients", "activations", "logits", "reference", "generation"):
         value = getattr(result, name)

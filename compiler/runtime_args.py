@@ -42,6 +42,14 @@ ROLLOUT_FAMILIES = {"policy-gradient", "ppo", "online-preference", "gkd"}
 """Families whose scripts include templates/common/rollout.py.j2 (generation with the policy); they get the
 rollout run fields below. A family that starts including the partial adds itself here."""
 
+CHUNKED_LOSS_FAMILIES = {"sft", "preference", "unpaired"}
+"""Families whose loss needs only the log-probability of each trained token: their scripts include
+templates/common/chunked_logps.py.j2 and get the chunked_loss run fields."""
+
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3")
+"""transformers model types whose causal-LM head is exactly `logits = hidden @ W.T`, with nothing (bias,
+soft-capping, scaling) after it: the ones chunked_loss may apply itself. Gemma 2 soft-caps its logits."""
+
 REWARD_FAMILIES = {"policy-gradient", "ppo", "online-preference"}
 """Families whose scripts include templates/common/rewards.py.j2; they get the fields of their reward source
 (the recipe's `reward` hyperparameter)."""
@@ -182,6 +190,12 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         RuntimeField("skip_bad_rows", "bool", False, "Skip and count malformed rows instead of stopping at the first one."),
         RuntimeField("report_to", "str", "", "Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."),
     ]
+    if recipe.family in CHUNKED_LOSS_FAMILIES:
+        run_fields += [
+            RuntimeField("chunked_loss", "bool", True, "Form log-probabilities from the final hidden states a chunk of trained tokens at a time, never the full logits tensor (same values; false: the plain output layer)."),
+            RuntimeField("loss_chunk_size", "int", 1024, "Tokens per chunk of the output layer with chunked_loss (peak extra memory ~ 10 B x chunk x vocabulary)."),
+            RuntimeField("torch_compile", "bool", False, "Compile the model with torch.compile (inductor, through accelerate): fused kernels and fewer saved activations after a one-off compile (a minute or so for a 1B model on a GPU; a few recompiles while batch widths vary). Same losses as eager."),
+        ]
     if recipe.family in ROLLOUT_FAMILIES:
         run_fields += rollout_fields(recipe)
     if recipe.peft is not None and not recipe.peft.quantized and recipe.peft.id in MERGEABLE_PEFT:

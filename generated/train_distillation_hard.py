@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, extract_model_from_parallel, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from accelerate import PartialState
@@ -198,6 +198,16 @@ class Args:
     """Skip and count malformed rows instead of stopping at the first one."""
     report_to: str = ''
     """Experiment tracker for accelerate: tensorboard, wandb, ... ('' for none)."""
+    chunked_loss: bool = True
+    """Form log-probabilities from the final hidden states a chunk of trained tokens at a time,
+    never the full logits tensor (same values; false: the plain output layer)."""
+    loss_chunk_size: int = 1024
+    """Tokens per chunk of the output layer with chunked_loss (peak extra memory ~ 10 B x chunk x
+    vocabulary)."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile (inductor, through accelerate): fused kernels and fewer
+    saved activations after a one-off compile (a minute or so for a 1B model on a GPU; a few
+    recompiles while batch widths vary). Same losses as eager."""
 
 
 def field_docstrings(cls) -> dict[str, str]:
@@ -584,6 +594,115 @@ def load_tokenizer(args: Args):
     return tokenizer
 
 
+# ==================================================================================================
+# Token log-probabilities without the full logits tensor (--chunked_loss true, the default)
+# ==================================================================================================
+# The output layer's logits are the largest activation of a small model: 16k tokens x 128k vocabulary
+# (Llama 3) is 4 GiB in bf16, 8 GiB more for the float32 copy the cross-entropy makes, and as much again
+# for its gradient. With chunked_loss the model's output layer becomes a pass-through, so the forward pass
+# returns the final hidden states, and the log-probabilities are formed here: only at the trained tokens
+# (prompt and padding positions never meet the output layer) and `loss_chunk_size` tokens at a time. The
+# backward pass recomputes each chunk's logits rather than keeping them. The result equals the plain path
+# (tests/losses/test_chunked_logps.py: values and gradients, float32 and bf16 autocast).
+
+# Architectures whose causal-LM head is exactly `logits = hidden @ W.T` (no bias, soft-capping or scaling
+# after it). Others (Gemma 2's soft-capped logits, for one) take the plain path.
+PLAIN_HEAD_MODEL_TYPES = ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', 'qwen3', 'qwen3_moe', 'phi3')
+
+
+class ChunkedOutputLayer(torch.nn.Module):
+    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; `token_logps`
+    applies the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
+    synchronises its gradient, tied embeddings stay tied and save_pretrained writes the same tensors."""
+
+    def __init__(self, head: torch.nn.Linear, chunk_size: int):
+        super().__init__()
+        self.weight = head.weight
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # The dtype the output layer's matmul would have run in here (accelerate's autocast wraps the model's
+        # forward pass, not the loss): token_logps uses the same one.
+        self.matmul_dtype = autocast_dtype(hidden_states.device, self.weight.dtype)
+        return hidden_states
+
+    def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(target) at every position whose target is not -100, and the row each belongs to.
+
+        `hidden` [rows, positions, hidden] are the final hidden states at the positions predicting `targets`.
+        """
+        rows, positions = (targets != -100).nonzero(as_tuple=True)
+        logps = ChunkedTokenLogps.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
+        return logps, rows
+
+
+def use_chunked_head(model, args: Args, say) -> None:
+    """Swap the output layer for a ChunkedOutputLayer when --chunked_loss is on and the architecture allows it."""
+    head = model.get_output_embeddings()
+    if not args.chunked_loss:
+        return
+    if args.loss_chunk_size < 1:
+        raise SystemExit(f"error: --loss_chunk_size must be at least 1, got {args.loss_chunk_size}")
+    if model.config.model_type not in PLAIN_HEAD_MODEL_TYPES or getattr(head, "bias", None) is not None:
+        say(f"note: chunked_loss is not used for model type {model.config.model_type!r} (its head is not a plain linear layer); logits are formed in full")
+        return
+    model.set_output_embeddings(ChunkedOutputLayer(head, args.loss_chunk_size))
+
+
+def chunked_output_layer(model) -> ChunkedOutputLayer | None:
+    """The ChunkedOutputLayer of `model` (possibly wrapped by accelerate, torch.compile or peft), or None: it
+    returns logits."""
+    head = extract_model_from_parallel(model, keep_torch_compile=False).get_output_embeddings()
+    head = getattr(head, "_orig_mod", head)  # a compiled head
+    return head if isinstance(head, ChunkedOutputLayer) else None
+
+
+def autocast_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
+    """The dtype autocast would run a matmul in here (the plain output layer's dtype), else `fallback`."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return fallback
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h W^T)[target] for N tokens, `chunk` tokens at a time; never holds more than one chunk of
+    logits. Matmuls run in `dtype` (the output layer's, autocast included) and the softmax in float32, as
+    nn.Linear followed by F.cross_entropy(logits.float()) would."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        w = weight.to(dtype)
+        logps = torch.empty(hidden.size(0), device=hidden.device, dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), chunk):
+                logits = (hidden[start : start + chunk].to(dtype) @ w.T).float()
+                target = targets[start : start + chunk, None]
+                logps[start : start + chunk] = (logits.gather(1, target) - logits.logsumexp(1, keepdim=True)).squeeze(1)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), ctx.chunk):
+                h = hidden[start : start + ctx.chunk].to(ctx.dtype)
+                # d log p(t) / d logits = onehot(t) - softmax(logits), scaled by the incoming gradient; in place,
+                # so a chunk costs one float32 [chunk, vocabulary] buffer at a time.
+                grad_logits = torch.softmax((h @ w.T).float(), dim=1).neg_()
+                grad_logits.scatter_add_(1, targets[start : start + ctx.chunk, None], torch.ones_like(grad_logits[:, :1]))
+                grad_logits = grad_logits.mul_(grad_logps[start : start + ctx.chunk, None]).to(ctx.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + ctx.chunk] = (grad_logits @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.add_(grad_logits.T @ h)  # summed in float32 across chunks, cast element by element
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -593,6 +712,7 @@ def load_model(args: Args, accelerator: Accelerator, trainable: bool = True):
         args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )
     model.config.use_cache = False  # the KV cache only helps generation
+    use_chunked_head(model, args, accelerator.print)
     if not trainable:
         return model.eval().requires_grad_(False)
     if args.gradient_checkpointing:
@@ -625,6 +745,12 @@ def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.T
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     # use_cache=False matters for packed rows: transformers reads example boundaries from the position ids
     # only when no KV cache is in play.
+    head = chunked_output_layer(model)
+    if head is not None:
+        # chunked_loss: the model returns its final hidden states; the same sum, formed a chunk at a time.
+        hidden = model(**inputs, use_cache=False).logits
+        token_logps, _ = head.token_logps(hidden[:, :-1], batch["labels"][:, 1:])
+        return -token_logps.sum(), {}
     logits = model(**inputs, use_cache=False).logits
     loss_sum = causal_lm_loss(logits, batch["labels"])
     return loss_sum, {}
@@ -745,7 +871,7 @@ def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, sched
     """
     output_dir = Path(args.output_dir)
     final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Every process checks its own parameters (or shard) and all learn the verdict, so all stop together.
     broken = [name for name, p in unwrapped.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
     if accelerator.reduce(torch.tensor(float(len(broken)), device=accelerator.device), reduction="sum").item() > 0:
@@ -802,7 +928,7 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sche
     passes its `loss_state` dict, which is updated in place with the saved values."""
     # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
     trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
@@ -927,6 +1053,8 @@ def main(argv: list[str] | None = None) -> None:
         # Several processes without CUDA (e.g. `accelerate launch --multi_gpu` on a CPU box) only form a gloo
         # process group when accelerate is told to use the CPU.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        # --torch_compile: accelerate compiles the prepared model (after DDP wrapping, as DDP requires).
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor" if args.torch_compile else "no"),
     )
     accelerator.wait_for_everyone()  # every process has checked the output directory before anyone writes to it
     set_seed(args.seed)  # same seed on every process: identical initial adapter weights and data order
@@ -1023,7 +1151,7 @@ def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(final_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)

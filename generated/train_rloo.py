@@ -1030,7 +1030,7 @@ def save_checkpoint(step: int, accelerator: Accelerator, model, optimizer, sched
     """
     output_dir = Path(args.output_dir)
     final, temporary = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Every process checks its own parameters (or shard) and all learn the verdict, so all stop together.
     broken = [name for name, p in unwrapped.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
     if accelerator.reduce(torch.tensor(float(len(broken)), device=accelerator.device), reduction="sum").item() > 0:
@@ -1087,7 +1087,7 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, sche
     passes its `loss_state` dict, which is updated in place with the saved values."""
     # Our own files (written above), so full unpickling is safe; the RNG state holds Python tuples.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
     trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
     if unexpected or trainable & set(missing):
@@ -1412,7 +1412,7 @@ def save_final(accelerator: Accelerator, model, tokenizer, args: Args) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(final_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     unwrapped.save_pretrained(final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
