@@ -57,21 +57,20 @@ def synthetic_items(family: str, seq: int, batch: int, vocab: int) -> list[dict]
 
 
 def select_trained_tokens_from_real_data(script, family: str, batch: dict) -> None:
-    """Fake tensors carry no values, so `(targets != -100).nonzero()` in ChunkedOutputLayer.token_logps cannot
-    run under FakeTensorMode. This replaces that one line: the trained positions are read from the real
-    batch (the same mask compute_loss builds), and the rest is the script's own code."""
+    """Fake tensors carry no values, so ChunkedOutputLayer.trained_positions (a nonzero() over the targets)
+    cannot run under FakeTensorMode. It is replaced by the answer for the real batch (the same mask
+    compute_loss builds from it); the rest of the step is the script's own code."""
     if family == "sft":
         trained = batch["labels"][:, 1:] != -100
     else:  # preference and unpaired rows: the completion tokens
         trained = batch["completion_mask"][:, 1:] > 0
     rows, positions = trained.nonzero(as_tuple=True)
 
-    def token_logps(self, hidden, targets):
+    def trained_positions(targets):
         assert targets.shape == trained.shape, "a batch this benchmark does not know"
-        logps = script.ChunkedTokenLogps.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
-        return logps, rows
+        return rows, positions
 
-    script.ChunkedOutputLayer.token_logps = token_logps
+    script.ChunkedOutputLayer.trained_positions = staticmethod(trained_positions)
 
 
 def measure(method: str, model: str, seq: int, batch: int, peft: str | None = None, extra: list[str] | None = None) -> dict:

@@ -465,9 +465,11 @@ def load_tokenizer(args: Args):
 # (Llama 3) is 4 GiB in bf16, 8 GiB more for the float32 copy the cross-entropy makes, and as much again
 # for its gradient. With chunked_loss the model's output layer becomes a pass-through, so the forward pass
 # returns the final hidden states, and the log-probabilities are formed here: only at the trained tokens
-# (prompt and padding positions never meet the output layer) and `loss_chunk_size` tokens at a time. The
-# backward pass recomputes each chunk's logits rather than keeping them. The result equals the plain path
-# (tests/losses/test_chunked_logps.py: values and gradients, float32 and bf16 autocast).
+# (prompt and padding positions never meet the output layer) and `loss_chunk_size` tokens at a time.
+# Per-token log-probabilities (preference losses weigh each sequence differently) recompute each chunk's
+# logits in the backward pass; a plain summed cross-entropy (SFT) knows its gradient already in the forward
+# pass and recomputes nothing. The results equal the plain path (tests/losses/test_chunked_logps.py: values
+# and gradients, float32 and bf16 autocast).
 
 # Architectures whose causal-LM head is exactly `logits = hidden @ W.T` (no bias, soft-capping or scaling
 # after it). Others (Gemma 2's soft-capped logits, for one) take the plain path.
@@ -490,14 +492,24 @@ class ChunkedOutputLayer(torch.nn.Module):
         self.matmul_dtype = autocast_dtype(hidden_states.device, self.weight.dtype)
         return hidden_states
 
+    @staticmethod
+    def trained_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) indices of the targets that are trained (not -100), in row-major order."""
+        return (targets != -100).nonzero(as_tuple=True)
+
     def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(target) at every position whose target is not -100, and the row each belongs to.
 
         `hidden` [rows, positions, hidden] are the final hidden states at the positions predicting `targets`.
         """
-        rows, positions = (targets != -100).nonzero(as_tuple=True)
+        rows, positions = self.trained_positions(targets)
         logps = ChunkedTokenLogps.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
         return logps, rows
+
+    def summed_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-sum of log p(target) over the positions whose target is not -100 (the summed cross-entropy)."""
+        rows, positions = self.trained_positions(targets)
+        return ChunkedSummedNLL.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
 
 
 def use_chunked_head(model, args: Args, say) -> None:
@@ -567,6 +579,50 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
+class ChunkedSummedNLL(torch.autograd.Function):
+    """-sum_t log softmax(h_t W^T)[target_t] as one number, `chunk` tokens at a time.
+
+    Every token's weight in the sum is the same, so the gradient (softmax - onehot per token) is formed in the
+    forward pass while each chunk's logits exist; the backward pass only scales it by the incoming scalar. No
+    logits are recomputed, at the price of holding the output weight's float32 gradient from the loss to the
+    end of the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(dtype)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if weight.requires_grad else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.size(0), chunk):
+                h = hidden[start : start + chunk].to(dtype)
+                target = targets[start : start + chunk, None]
+                logits = (h @ w.T).float()
+                logsumexp = logits.logsumexp(1, keepdim=True)
+                total += (logsumexp - logits.gather(1, target)).sum()
+                # d(-log p(t)) / d logits = softmax(logits) - onehot(t), written over the logits in place.
+                grad_logits = logits.sub_(logsumexp).exp_()
+                grad_logits.scatter_add_(1, target, -torch.ones_like(grad_logits[:, :1]))
+                grad_logits = grad_logits.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.add_(grad_logits.T @ h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place: the training loop runs each backward pass once (no retain_graph), and a copy of the
+        # weight gradient would cost as much memory as the gradient itself.
+        grad_hidden = None if grad_hidden is None else grad_hidden.mul_(grad_total)
+        grad_weight = None if grad_weight is None else grad_weight.mul_(grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -613,8 +669,7 @@ def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.T
     if head is not None:
         # chunked_loss: the model returns its final hidden states; the same sum, formed a chunk at a time.
         hidden = model(**inputs, use_cache=False).logits
-        token_logps, _ = head.token_logps(hidden[:, :-1], batch["labels"][:, 1:])
-        return -token_logps.sum(), {}
+        return head.summed_nll(hidden[:, :-1], batch["labels"][:, 1:]), {}
     logits = model(**inputs, use_cache=False).logits
     loss_sum = causal_lm_loss(logits, batch["labels"])
     return loss_sum, {}

@@ -443,9 +443,11 @@ def load_tokenizer(args: Args):
 # (Llama 3) is 4 GiB in bf16, 8 GiB more for the float32 copy the cross-entropy makes, and as much again
 # for its gradient. With chunked_loss the model's output layer becomes a pass-through, so the forward pass
 # returns the final hidden states, and the log-probabilities are formed here: only at the trained tokens
-# (prompt and padding positions never meet the output layer) and `loss_chunk_size` tokens at a time. The
-# backward pass recomputes each chunk's logits rather than keeping them. The result equals the plain path
-# (tests/losses/test_chunked_logps.py: values and gradients, float32 and bf16 autocast).
+# (prompt and padding positions never meet the output layer) and `loss_chunk_size` tokens at a time.
+# Per-token log-probabilities (preference losses weigh each sequence differently) recompute each chunk's
+# logits in the backward pass; a plain summed cross-entropy (SFT) knows its gradient already in the forward
+# pass and recomputes nothing. The results equal the plain path (tests/losses/test_chunked_logps.py: values
+# and gradients, float32 and bf16 autocast).
 
 # Architectures whose causal-LM head is exactly `logits = hidden @ W.T` (no bias, soft-capping or scaling
 # after it). Others (Gemma 2's soft-capped logits, for one) take the plain path.
@@ -468,12 +470,17 @@ class ChunkedOutputLayer(torch.nn.Module):
         self.matmul_dtype = autocast_dtype(hidden_states.device, self.weight.dtype)
         return hidden_states
 
+    @staticmethod
+    def trained_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) indices of the targets that are trained (not -100), in row-major order."""
+        return (targets != -100).nonzero(as_tuple=True)
+
     def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(target) at every position whose target is not -100, and the row each belongs to.
 
         `hidden` [rows, positions, hidden] are the final hidden states at the positions predicting `targets`.
         """
-        rows, positions = (targets != -100).nonzero(as_tuple=True)
+        rows, positions = self.trained_positions(targets)
         logps = ChunkedTokenLogps.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
         return logps, rows
 

@@ -172,3 +172,55 @@ def test_other_heads_keep_the_plain_path_and_say_so(chunked):
     assert chunked["chunked_output_layer"](llama) is None
     with pytest.raises(SystemExit, match="loss_chunk_size"):
         chunked["use_chunked_head"](llama, SimpleNamespace(chunked_loss=True, loss_chunk_size=0), notes.append)
+
+
+@pytest.fixture(scope="module")
+def sft_head(kb):
+    """The sft script's ChunkedOutputLayer, whose summed_nll (ChunkedSummedNLL) forms the SFT loss."""
+    functions = load_functions(compile_script(kb, "sft"), NAMES + ["ChunkedSummedNLL"])
+    return functions["ChunkedOutputLayer"]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_summed_nll_and_its_precomputed_gradient_equal_the_float64_formula(sft_head, chunk, frozen):
+    """The SFT sum -sum_t log p(y_t), its gradient built in the forward pass and scaled by the upstream
+    scalar in the backward pass (here 0.37, as the loop's 1/N scaling would), against float64 autograd."""
+    generator = torch.Generator().manual_seed(10 + chunk)
+    h, weight, targets = ragged(generator)
+    head = sft_head(torch.nn.Linear(weight.size(1), weight.size(0), bias=False), chunk)
+    head.weight.data.copy_(weight)
+    head.weight.requires_grad_(not frozen)
+    leaf = h.clone().requires_grad_()
+    loss = head.summed_nll(head(leaf), targets)
+    (0.37 * loss).backward()
+    logps, grad_h, grad_w = reference(h, weight, targets, torch.full(((targets != -100).sum(),), -0.37))
+    torch.testing.assert_close(loss.double(), -logps.sum(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), grad_h, rtol=1e-4, atol=1e-6)
+    assert leaf.grad[targets == -100].abs().max() == 0
+    if frozen:
+        assert head.weight.grad is None
+    else:
+        torch.testing.assert_close(head.weight.grad.double(), grad_w, rtol=1e-4, atol=1e-6)
+
+
+def test_summed_nll_under_bf16_autocast_matches_the_plain_cross_entropy(sft_head):
+    generator = torch.Generator().manual_seed(4)
+    h, weight, targets = ragged(generator, rows=4, width=64, hidden=32, vocab=97)
+    linear = torch.nn.Linear(32, 97, bias=False)
+    linear.weight.data.copy_(weight)
+    plain_h = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = linear(plain_h)
+    plain = F.cross_entropy(logits.float().reshape(-1, 97), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    plain.backward()
+    head = sft_head(torch.nn.Linear(32, 97, bias=False), 9)
+    head.weight.data.copy_(weight)
+    leaf = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = head(leaf)
+    loss = head.summed_nll(hidden, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, plain.detach(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(head.weight.grad, linear.weight.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(leaf.grad, plain_h.grad, rtol=2e-2, atol=2e-2)
