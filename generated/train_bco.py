@@ -930,7 +930,9 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def count_tokens(batch: dict) -> int:
-    """Non-padding tokens of a micro-batch (for the tokens/s figure; packed rows count their padding)."""
+    """Non-padding tokens of a micro-batch (for the tokens/s figure)."""
+    if "num_tokens" in batch:  # counted by collate (packed rows have no attention mask to count)
+        return batch["num_tokens"]
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel()) if "input_ids" in batch else 0

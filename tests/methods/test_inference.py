@@ -223,7 +223,7 @@ def test_best_of_n_with_a_reward_model_beats_one_sample(kb, tiny, tiny_sum_solve
     flags += ["--max_steps", "300", "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--num_train_epochs", "100", "--warmup_ratio", "0.05", "--lr_scheduler_type", "cosine"]
     run_script(generated_script("reward-model"), flags, cwd=tmp_path)
     reward_model = tmp_path / "rm" / "final"
-    common = ["--max_prompts", "96", "--n", "8", "--temperature", "1.0"]
+    common = ["--max_prompts", "256", "--n", "8", "--temperature", "1.0"]
     summary, records = run_inference(kb, "best-of-n", tiny, tiny_sum_solver, tmp_path, common + ["--reward_model_path", str(reward_model)], name="bon")
     control = untrained_reward_model(reward_model, tiny, tmp_path / "untrained-rm")
     control_summary, _ = run_inference(kb, "best-of-n", tiny, tiny_sum_solver, tmp_path, common + ["--reward_model_path", str(control)], name="bon-control")
@@ -231,7 +231,10 @@ def test_best_of_n_with_a_reward_model_beats_one_sample(kb, tiny, tiny_sum_solve
     control_accuracy = by_budget(control_summary)[8]["accuracy"]
     print(f"best-of-N with a reward model, N = 1, 2, 4, 8: {accuracy}; with an untrained reward model at N = 8: {control_accuracy:.3f}")
     assert all(b >= a - 0.04 for a, b in zip(accuracy, accuracy[1:])), accuracy
-    assert accuracy[-1] >= accuracy[0] + 0.1, accuracy
+    # 256 prompts: at N = 8 the accuracy is over 256 choices (standard error ~0.03), so a gain of 0.06 over one
+    # sample is two standard errors. (With 96 prompts and a 0.1 margin the test hinged on the reward model's
+    # exact training trajectory: a solver differing in the sixth digit gave +0.16 once and +0.08 the next time.)
+    assert accuracy[-1] >= accuracy[0] + 0.06, accuracy
     assert accuracy[-1] >= control_accuracy + 0.08, (accuracy, control_accuracy)
     for record in records[:6]:
         scores = [s["score"] for s in record["samples"]]
