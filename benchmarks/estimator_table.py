@@ -34,6 +34,10 @@ CONFIGURATIONS = [
     ("sft", "llama3.2-1b", 2048, 4, ["--chunked_loss", "false"]),
     ("sft", "qwen2.5-0.5b", 2048, 4, ["--chunked_loss", "false"]),
     ("sft", "qwen2.5-0.5b", 2048, 4, []),
+    # DPO, the anchor's shape (prompt 512 + completion 512, 4 pairs), with the reference's log-probs precomputed
+    # (fake tensors cannot account a frozen reference model's parameters; see docs/memory-estimator.md)
+    ("dpo", "llama3.2-1b", 1024, 4, ["--precompute_ref_log_probs", "true"]),
+    ("dpo", "llama3.2-1b", 1024, 4, ["--precompute_ref_log_probs", "true", "--chunked_loss", "false"]),
 ]
 
 
@@ -42,8 +46,13 @@ def predicted(method: str, model: str, seq: int, batch: int, flags: list[str]):
     from ptcompile.knowledge_base import KnowledgeBase
     from ptcompile.recipe import resolve
 
-    recipe = resolve(KnowledgeBase.load(), method, model)
-    return recipe, estimate(recipe, seq, batch, chunked_loss="--chunked_loss" not in flags)
+    kb = KnowledgeBase.load()
+    recipe = resolve(kb, method, model)
+    # Script flags that are taxonomy hyperparameters (precompute_ref_log_probs) become --set overrides.
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    overrides = [f"{flag[2:]}={value}" for flag, value in pairs.items() if recipe.has(flag[2:])]
+    recipe = resolve(kb, method, model, None, overrides)
+    return recipe, estimate(recipe, seq, batch, chunked_loss=pairs.get("--chunked_loss", "true") == "true")
 
 
 def fit(rows: list[dict]) -> tuple[float, float]:

@@ -92,6 +92,10 @@ def measure(method: str, model: str, seq: int, batch: int, peft: str | None = No
         pad_token_id = 0
 
     items = synthetic_items(recipe.family, seq, batch, preset.architecture.vocab_size)
+    precomputed = getattr(args, "precompute_ref_log_probs", False)
+    if precomputed and recipe.family == "preference":  # what precompute_reference() stores in each item
+        for item in items:
+            item["ref_chosen_logps"], item["ref_rejected_logps"] = -100.0, -110.0
     batch_tensors = script.collate(items, Tokenizer(), args, torch.device("cpu"))  # real (small) index tensors
     if hasattr(script, "ChunkedOutputLayer"):
         select_trained_tokens_from_real_data(script, recipe.family, batch_tensors)
@@ -104,7 +108,7 @@ def measure(method: str, model: str, seq: int, batch: int, peft: str | None = No
         if recipe.peft is not None:
             policy = script.apply_peft(policy, args)
         context: dict = {}
-        if getattr(script, "reference_logps", None) is not None and recipe.peft is None:
+        if getattr(script, "reference_logps", None) is not None and recipe.peft is None and not precomputed:
             context["reference"] = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
             if hasattr(script, "use_chunked_head"):
                 script.use_chunked_head(context["reference"], args, print)
