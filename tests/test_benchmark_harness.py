@@ -50,3 +50,18 @@ def test_padding_fractions_count_the_positions_padding_fills():
     lengths = ultrachat_like_lengths(4000, seq=4096)
     assert 1300 < sum(lengths) / len(lengths) < 1600 and max(lengths) == 4096  # the bundled mean, a long tail cut at seq
     assert ultrachat_like_lengths(50, seq=4096) == lengths[:50]  # seeded
+
+
+@pytest.mark.slow
+def test_gpu_memory_check_runs_the_scripts_and_writes_the_estimator_table(tmp_path):
+    """benchmarks/gpu_memory_check.py end to end on the tiny shape: the scripts run, the estimate sits beside
+    each row, and without CUDA the measured column says so instead of inventing a number."""
+    out = tmp_path / "memory.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_memory_check.py"), "--configs", "tiny", "--steps", "2", "--work", str(tmp_path / "work"), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["method"], r["shape"]) for r in report["rows"]] == [("sft", "tiny"), ("dpo", "tiny")]
+    for row in report["rows"]:
+        assert row["estimated_gib"] > 0 and row["measured_gib"] is None and row["error"] is None
+    assert "n/a (no CUDA)" in out.with_suffix(".md").read_text()
