@@ -194,7 +194,7 @@ def runtime_groups(recipe: Recipe) -> list[tuple[str, list[RuntimeField]]]:
         run_fields += [
             RuntimeField("chunked_loss", "bool", True, "Form log-probabilities from the final hidden states a chunk of trained tokens at a time, never the full logits tensor (same values; false: the plain output layer)."),
             RuntimeField("loss_chunk_size", "int", 1024, "Tokens per chunk of the output layer with chunked_loss (peak extra memory ~ 10 B x chunk x vocabulary)."),
-            RuntimeField("torch_compile", "bool", False, "Compile the model with torch.compile (inductor, through accelerate): fused kernels and fewer saved activations after a one-off compile (a minute or so for a 1B model on a GPU; a few recompiles while batch widths vary). Same losses as eager."),
+            RuntimeField("torch_compile", "bool", False, "Compile the model with torch.compile (inductor, through accelerate): fused kernels and fewer saved activations after a one-off compile (a minute or so for a 1B model on a GPU; a few recompiles while batch widths vary). Same losses as eager, except that dropout masks come from inductor's own random numbers."),
         ]
     if recipe.family in ROLLOUT_FAMILIES:
         run_fields += rollout_fields(recipe)

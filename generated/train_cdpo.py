@@ -181,7 +181,8 @@ class Args:
     torch_compile: bool = False
     """Compile the model with torch.compile (inductor, through accelerate): fused kernels and fewer
     saved activations after a one-off compile (a minute or so for a 1B model on a GPU; a few
-    recompiles while batch widths vary). Same losses as eager."""
+    recompiles while batch widths vary). Same losses as eager, except that dropout masks come
+    from inductor's own random numbers."""
 
 
 def field_docstrings(cls) -> dict[str, str]:

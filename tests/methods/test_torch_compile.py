@@ -33,10 +33,13 @@ def assert_same_values(compiled, eager, rel):
                 assert math.isclose(a[key], expected, rel_tol=rel, abs_tol=rel), (step, key, a[key], expected)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_compiled_and_eager_runs_agree_and_checkpoints_cross_over(kb, tiny, tmp_path, method):
+@pytest.mark.parametrize("method, peft, overrides", [("sft", None, []), ("dpo", None, []), ("sft", "lora", ["lora_dropout=0"])])
+def test_compiled_and_eager_runs_agree_and_checkpoints_cross_over(kb, tiny, tmp_path, method, peft, overrides):
+    """LoRA runs without dropout here: a compiled graph draws its dropout masks with inductor's own random
+    number kernel, so with lora_dropout > 0 the two runs agree only statistically (measured: rel 2e-4 after
+    two steps), not to rounding."""
     script = tmp_path / "train.py"
-    script.write_text(compile_script(kb, method))
+    script.write_text(compile_script(kb, method, peft=peft, overrides=overrides))
     flags = tiny_args(kb, method, tiny) + FAST + ["--max_steps", "4", "--learning_rate", "1e-3", "--save_steps", "2"]
     compiled_dir, eager_dir = tmp_path / "compiled", tmp_path / "eager"
     run_script(script, flags + ["--output_dir", str(compiled_dir), "--torch_compile", "true"], cwd=tmp_path)
