@@ -631,8 +631,8 @@ PLAIN_HEAD_MODEL_TYPES = ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', '
 
 
 class ChunkedOutputLayer(torch.nn.Module):
-    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; `token_logps`
-    applies the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
+    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; the loss applies
+    the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
     synchronises its gradient, tied embeddings stay tied and save_pretrained writes the same tensors."""
 
     def __init__(self, head: torch.nn.Linear, chunk_size: int):
@@ -650,15 +650,6 @@ class ChunkedOutputLayer(torch.nn.Module):
     def trained_positions(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, position) indices of the targets that are trained (not -100), in row-major order."""
         return (targets != -100).nonzero(as_tuple=True)
-
-    def token_logps(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(target) at every position whose target is not -100, and the row each belongs to.
-
-        `hidden` [rows, positions, hidden] are the final hidden states at the positions predicting `targets`.
-        """
-        rows, positions = self.trained_positions(targets)
-        logps = ChunkedTokenLogps.apply(hidden[rows, positions], self.weight, targets[rows, positions], self.chunk_size, self.matmul_dtype)
-        return logps, rows
 
     def summed_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-sum of log p(target) over the positions whose target is not -100 (the summed cross-entropy)."""
@@ -692,45 +683,6 @@ def autocast_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return fallback
-
-
-class ChunkedTokenLogps(torch.autograd.Function):
-    """log softmax(h W^T)[target] for N tokens, `chunk` tokens at a time; never holds more than one chunk of
-    logits. Matmuls run in `dtype` (the output layer's, autocast included) and the softmax in float32, as
-    nn.Linear followed by F.cross_entropy(logits.float()) would."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk, ctx.dtype = chunk, dtype
-        w = weight.to(dtype)
-        logps = torch.empty(hidden.size(0), device=hidden.device, dtype=torch.float32)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.size(0), chunk):
-                logits = (hidden[start : start + chunk].to(dtype) @ w.T).float()
-                target = targets[start : start + chunk, None]
-                logps[start : start + chunk] = (logits.gather(1, target) - logits.logsumexp(1, keepdim=True)).squeeze(1)
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps: torch.Tensor):
-        hidden, weight, targets = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.size(0), ctx.chunk):
-                h = hidden[start : start + ctx.chunk].to(ctx.dtype)
-                # d log p(t) / d logits = onehot(t) - softmax(logits), scaled by the incoming gradient; in place,
-                # so a chunk costs one float32 [chunk, vocabulary] buffer at a time.
-                grad_logits = torch.softmax((h @ w.T).float(), dim=1).neg_()
-                grad_logits.scatter_add_(1, targets[start : start + ctx.chunk, None], torch.ones_like(grad_logits[:, :1]))
-                grad_logits = grad_logits.mul_(grad_logps[start : start + ctx.chunk, None]).to(ctx.dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start : start + ctx.chunk] = (grad_logits @ w).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight.add_(grad_logits.T @ h)  # summed in float32 across chunks, cast element by element
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
 class ChunkedSummedNLL(torch.autograd.Function):

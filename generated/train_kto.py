@@ -502,8 +502,8 @@ PLAIN_HEAD_MODEL_TYPES = ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', '
 
 
 class ChunkedOutputLayer(torch.nn.Module):
-    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; `token_logps`
-    applies the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
+    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; the loss applies
+    the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
     synchronises its gradient, tied embeddings stay tied and save_pretrained writes the same tensors."""
 
     def __init__(self, head: torch.nn.Linear, chunk_size: int):

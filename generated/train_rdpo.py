@@ -464,8 +464,8 @@ PLAIN_HEAD_MODEL_TYPES = ('llama', 'mistral', 'mixtral', 'qwen2', 'qwen2_moe', '
 
 
 class ChunkedOutputLayer(torch.nn.Module):
-    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; `token_logps`
-    applies the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
+    """Stands in for the output layer. Its forward pass returns the hidden states unchanged; the loss applies
+    the weight afterwards, a chunk at a time. The weight stays registered under the same name, so DDP
     synchronises its gradient, tied embeddings stay tied and save_pretrained writes the same tensors."""
 
     def __init__(self, head: torch.nn.Linear, chunk_size: int):
@@ -655,7 +655,7 @@ def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.T
     pairs = batch["num_items"]
     logps, tokens = completion_logps(model, batch)
     chosen_logps, rejected_logps = logps[:pairs], logps[pairs:]
-    chosen_tokens, rejected_tokens = tokens[:pairs], tokens[pairs:]
+    chosen_tokens, rejected_tokens = tokens[:pairs], tokens[pairs:]  # completion lengths
     ref_chosen_logps, ref_rejected_logps = reference_logps(model, batch, context)
     losses, chosen_rewards, rejected_rewards = rdpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_tokens, rejected_tokens, beta=args.beta, alpha=args.alpha)
     metrics = {
