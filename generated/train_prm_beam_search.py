@@ -38,19 +38,13 @@ import inspect
 import json
 import math
 import os
-import random
-import shutil
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer
 import re
 from fractions import Fraction
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList

@@ -871,9 +871,6 @@ def remax_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
 def compute_loss(model, batch: dict, args: Args, context: dict) -> tuple[torch.Tensor, dict]:
     """Summed loss of one micro-batch and summed metrics (the loop divides by the step's global count of completions)."""
     logps = completion_token_logps(model, batch, args.temperature)
-    # π_old: the policy that sampled the batch. On the first update of a fresh batch it is the current policy,
-    # so the ratio is exactly 1 and only its gradient acts.
-    old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
     return remax_loss(logps, batch["advantages"], batch["completion_mask"])
 
 

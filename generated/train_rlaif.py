@@ -52,8 +52,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-import re
-from fractions import Fraction
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
