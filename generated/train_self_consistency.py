@@ -866,7 +866,10 @@ def main(argv: list[str] | None = None) -> None:
     for row in table:
         say(f"m = {row['budget']:>4}: accuracy {row['accuracy']:.4f}  coverage {row['coverage']:.4f}  ({row['prompts']} prompts)")
     say(f"done: {output_dir / 'accuracy.json'} and {output_dir / 'samples.jsonl'}")
-    accelerator.end_training()  # closes the process group (no rank exits with collectives in flight)
+    # Every rank waits here, so none tears down its process group while another is still writing or in a
+    # collective; then the group is closed before the processes exit.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
