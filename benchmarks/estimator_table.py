@@ -41,25 +41,25 @@ CONFIGURATIONS = [
 ]
 
 
-def predicted(method: str, model: str, seq: int, batch: int, flags: list[str]):
+def predicted(method: str, model: str, seq: int, batch: int, flags: list[str], peft: str | None = None):
+    """(recipe, `ptcompile estimate`'s result) for the script run with `flags` (--name value pairs)."""
     from ptcompile.estimate import estimate
     from ptcompile.knowledge_base import KnowledgeBase
     from ptcompile.recipe import resolve
 
     kb = KnowledgeBase.load()
-    recipe = resolve(kb, method, model)
+    recipe = resolve(kb, method, model, peft)
     # Script flags that are taxonomy hyperparameters (precompute_ref_log_probs) become --set overrides.
     pairs = dict(zip(flags[::2], flags[1::2]))
     overrides = [f"{flag[2:]}={value}" for flag, value in pairs.items() if recipe.has(flag[2:])]
-    recipe = resolve(kb, method, model, None, overrides)
-    return recipe, estimate(recipe, seq, batch, chunked_loss=pairs.get("--chunked_loss", "true") == "true")
+    recipe = resolve(kb, method, model, peft, overrides)
+    return recipe, estimate(recipe, seq, batch, gradient_checkpointing=pairs.get("--gradient_checkpointing") == "true",
+                            chunked_loss=pairs.get("--chunked_loss", "true") == "true")
 
 
 def fit(rows: list[dict]) -> tuple[float, float]:
     """Least-squares ACT_H, ACT_I so that estimate - activations + fitted activations = measured."""
     import torch
-
-    from ptcompile import estimate as est
 
     design, target = [], []
     for row in rows:
@@ -71,7 +71,6 @@ def fit(rows: list[dict]) -> tuple[float, float]:
         design.append([per_unit * arch.hidden_size, per_unit * arch.intermediate_size])
         target.append(row["measured_bytes"] - other)
     solution = torch.linalg.lstsq(torch.tensor(design, dtype=torch.float64), torch.tensor(target, dtype=torch.float64)[:, None]).solution
-    del est
     return float(solution[0]), float(solution[1])
 
 

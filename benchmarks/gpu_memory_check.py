@@ -18,12 +18,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from estimator_table import predicted  # noqa: E402
 from run import CASE_METHOD, sh, write_data  # noqa: E402
 
 GiB = 1024**3
@@ -40,20 +40,6 @@ H100_CONFIGS = [
     ("dpo", "llama3.2-1b", None, 1024, 4, ["--precompute_ref_log_probs", "true"]),
 ]
 TINY_CONFIGS = [("sft", "tiny", None, 64, 2, []), ("dpo", "tiny", None, 64, 2, [])]
-
-
-def estimate_for(method: str, shape: str, peft: str | None, seq: int, batch: int, flags: list[str]):
-    from ptcompile.estimate import estimate
-    from ptcompile.knowledge_base import KnowledgeBase
-    from ptcompile.recipe import resolve
-
-    kb = KnowledgeBase.load()
-    pairs = dict(zip(flags[::2], flags[1::2]))
-    recipe = resolve(kb, method, shape, peft)
-    overrides = [f"{flag[2:]}={value}" for flag, value in pairs.items() if recipe.has(flag[2:])]
-    recipe = resolve(kb, method, shape, peft, overrides)
-    return estimate(recipe, seq, batch, gradient_checkpointing=pairs.get("--gradient_checkpointing") == "true",
-                    chunked_loss=pairs.get("--chunked_loss", "true") == "true")
 
 
 def measure(config, work: Path, steps: int) -> float | None:
@@ -100,10 +86,10 @@ def main() -> None:
     for config in H100_CONFIGS if args.configs == "h100" else TINY_CONFIGS:
         method, shape, peft, seq, batch, flags = config
         measured = measure(config, work, args.steps)
-        predicted = estimate_for(*config).tensor_peak / GiB
-        error = (predicted - measured) / measured if measured else None
+        estimated = predicted(method, shape, seq, batch, flags, peft)[1].tensor_peak / GiB
+        error = (estimated - measured) / measured if measured else None
         rows.append({"method": method, "shape": shape, "peft": peft or "none", "seq": seq, "batch": batch, "flags": " ".join(flags),
-                     "measured_gib": measured, "estimated_gib": predicted, "error": error})
+                     "measured_gib": measured, "estimated_gib": estimated, "error": error})
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     within = [r for r in rows if r["error"] is not None and abs(r["error"]) <= 0.15]

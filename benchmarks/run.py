@@ -103,20 +103,9 @@ def flops_per_token(kb, shape: str, seq: int) -> float:
 
 def script_function(method: str, name: str):
     """A function of the method's emitted script (compiled for the tiny preset; the function does not depend on it)."""
-    import importlib.util
-    import tempfile
+    from fake_memory import load_script
 
-    from ptcompile.knowledge_base import KnowledgeBase
-    from ptcompile.recipe import resolve
-    from ptcompile.render import render_script
-
-    path = Path(tempfile.mkdtemp()) / f"emitted_{method.replace('-', '_')}.py"
-    path.write_text(render_script(resolve(KnowledgeBase.load(), method, "tiny")))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # the script reads its own source for --help texts
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+    return getattr(load_script(method, "tiny", None)[2], name)
 
 
 CASE_METHOD = {"sft": ("sft", "tiny-text"), "sft-packed": ("sft", "tiny-text"), "lora": ("sft", "tiny-text"), "dpo": ("dpo", "tiny-preference"), "grpo": ("grpo", "tiny-math")}
@@ -155,9 +144,10 @@ def run_ours(case: str, model_dir: Path, data: Path, work: Path, args) -> dict:
 def run_trl(case: str, model_dir: Path, data: Path, work: Path, args) -> dict:
     out = work / f"trl_{case}.json"
     seq = args.seq if case != "dpo" else 2 * args.seq
-    command = [sys.executable, str(ROOT / "benchmarks" / "trl_runner.py"), case, str(model_dir), str(data), str(out), "--seq", str(seq), "--batch", str(args.batch), "--steps", str(args.steps), "--lora-r", str(args.lora_r)]
+    batch = args.grpo_prompts if case == "grpo" else args.batch
+    command = [sys.executable, str(ROOT / "benchmarks" / "trl_runner.py"), case, str(model_dir), str(data), str(out), "--seq", str(seq), "--batch", str(batch), "--steps", str(args.steps), "--lora-r", str(args.lora_r)]
     if case == "grpo":
-        command += ["--generations", str(args.grpo_generations), "--completion", str(args.grpo_completion), "--batch", str(args.grpo_prompts)]
+        command += ["--generations", str(args.grpo_generations), "--completion", str(args.grpo_completion)]
     sh(command)
     return json.loads(out.read_text())
 

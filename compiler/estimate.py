@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass
 
 from .errors import CompileError

@@ -110,7 +110,7 @@ def _cached_environment(root: Path) -> jinja2.Environment:
 
 
 def render_script(recipe: Recipe, templates: Path | None = None, script_name: str | None = None) -> str:
-    from .runtime_args import PLAIN_HEAD_MODEL_TYPES, TINY_DIR, runtime_groups
+    from .runtime_args import CHUNKED_LOSS_FAMILIES, PLAIN_HEAD_MODEL_TYPES, TINY_DIR, runtime_groups
 
     env = _cached_environment(Path(templates or templates_dir()).resolve())
     name = f"{recipe.family}/script.py.j2"
@@ -123,6 +123,7 @@ def render_script(recipe: Recipe, templates: Path | None = None, script_name: st
         runtime_groups=lambda: runtime_groups(recipe),
         script_name=script_name or default_script_name(recipe),
         tiny_dir=TINY_DIR,
+        chunked_head=recipe.family in CHUNKED_LOSS_FAMILIES,  # the family's script includes common/chunked_logps.py.j2
         plain_head_model_types=PLAIN_HEAD_MODEL_TYPES,
     )
     source = tidy(source)

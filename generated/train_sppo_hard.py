@@ -489,11 +489,11 @@ class ChunkedOutputLayer(torch.nn.Module):
 
 def use_chunked_head(model, args: Args, say) -> None:
     """Swap the output layer for a ChunkedOutputLayer when --chunked_loss is on and the architecture allows it."""
-    head = model.get_output_embeddings()
     if not args.chunked_loss:
         return
     if args.loss_chunk_size < 1:
         raise SystemExit(f"error: --loss_chunk_size must be at least 1, got {args.loss_chunk_size}")
+    head = model.get_output_embeddings()
     if model.config.model_type not in PLAIN_HEAD_MODEL_TYPES or getattr(head, "bias", None) is not None:
         say(f"note: chunked_loss is not used for model type {model.config.model_type!r} (its head is not a plain linear layer); logits are formed in full")
         return
